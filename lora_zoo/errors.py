@@ -102,3 +102,24 @@ class RemoteError(LoraZooError):
 
 class IngestError(LoraZooError):
     """An ingest-level failure (per-file rejections go to the ingest report instead)."""
+
+
+# --- loading --------------------------------------------------------------------------------
+class SelectionError(LoraZooError):
+    """A view name, module pattern, label column or template id that matches nothing."""
+
+
+# --- builder data sources -------------------------------------------------------------------
+class DataSourceError(BuildError):
+    """A builder's data source is missing, empty or malformed: an image folder without images, an
+    unreadable image, an attribute table without the id column / an attribute / an image id."""
+
+
+# --- zoo writing (storage engineer) ---------------------------------------------------------
+class SchemaConflictError(ZooFormatError):
+    """A metadata / label value whose type cannot be unified with the column's type so far
+    (``key`` names the column; the message names the lora_id)."""
+
+
+class DuplicateIdError(ZooFormatError):
+    """A lora_id that is already in the zoo (or twice in one named split)."""

@@ -1,7 +1,112 @@
-"""CLI verbs: build (being written)."""
+"""CLI verbs of the build pipeline: ``plan``, ``build``, ``pack``, ``status``.
+
+``plan`` shows what a recipe would train without training; ``build`` trains with resume (run
+the same command again after a crash) and packs; ``--shard I/N`` builds a slice that ``pack``
+later merges with its siblings; ``status`` reports progress and failures of a work dir.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
+from typing import Any
 
-def register(sub) -> None:  # replaced by the module's owner
-    return None
+
+def _add_recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="recipe YAML (or the name of a shipped recipe)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe field, value parsed as YAML (repeatable)")
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("plan", help="print a recipe's job table without training")
+    _add_recipe_args(p)
+    p.add_argument("--limit", type=int, default=None, help="first N jobs only")
+    p.add_argument("--json", action="store_true", help="one JSON job per line")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("build", help="train a recipe's LoRAs (resumable) and pack the zoo")
+    _add_recipe_args(p)
+    p.add_argument("--out", required=True, help="zoo folder (work state in OUT/.build*)")
+    p.add_argument("--k", type=int, default=None, help="LoRAs per batched pass (train.k)")
+    p.add_argument("--shard", default=None, metavar="I/N", help="build jobs with index %% N == I")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--max-attempts", type=int, default=2, help="tries per chunk on exceptions")
+    p.add_argument("--retry-failed", action="store_true", help="retry jobs that failed before")
+    p.add_argument("--backend", choices=("local", "ray"), default="local")
+    p.add_argument("--limit", type=int, default=None, help="first N jobs only (smoke runs)")
+    p.add_argument("--no-pack", action="store_true", help="train only; pack later")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("pack", help="merge finished LoRAs of build/shard dirs into one zoo")
+    p.add_argument("dirs", nargs="+", help="build OUT dirs or their .build* work dirs")
+    p.add_argument("--out", required=True, help="zoo folder to write")
+    p.add_argument("--allow-partial", action="store_true", help="pack although jobs are open")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing zoo")
+    p.set_defaults(func=cmd_pack)
+
+    p = sub.add_parser("status", help="job counts and failures of a build dir")
+    p.add_argument("dir", help="build OUT dir or a .build* work dir")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from lora_zoo.plan import format_table, plan
+    from lora_zoo.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    jobs = plan(recipe, limit=args.limit)
+    if args.json:
+        for j in jobs:
+            print(json.dumps(j.to_dict(), sort_keys=True))
+    else:
+        print(f"# {recipe.name}: builder {recipe.builder}, {recipe.model.num_loras} LoRAs, "
+              f"k={recipe.k}")
+        print(format_table(jobs))
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from lora_zoo.runner import build, parse_shard
+
+    res = build(args.recipe, args.out, overrides=args.overrides, k=args.k,
+                shard=parse_shard(args.shard) if args.shard else None, device=args.device,
+                max_attempts=args.max_attempts, retry_failed=args.retry_failed,
+                backend=args.backend, pack_zoo=not args.no_pack, limit=args.limit,
+                progress=not args.no_progress)
+    c = res.counts
+    print(f"{c['done']} done, {c['failed']} failed, {c['pending']} pending ({res.work_dir})")
+    for f in res.failed:
+        step = f" at step {f['failed_step']}" if f["failed_step"] is not None else ""
+        print(f"  failed {f['lora_id']}{step}: {f['reason']}")
+    if res.zoo is not None:
+        print(f"zoo written to {res.zoo}")
+    return 0 if c["pending"] == 0 else 1
+
+
+def cmd_pack(args: argparse.Namespace) -> int:
+    from lora_zoo.runner import pack
+
+    m = pack(args.dirs, args.out, allow_partial=args.allow_partial, overwrite=args.overwrite)
+    rows = {s: sum(sh["num_rows"] for sh in sp["shards"]) for s, sp in m["splits"].items()}
+    print(f"packed {sum(rows.values())} LoRAs into {args.out}: "
+          + ", ".join(f"{s}={n}" for s, n in rows.items()))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from lora_zoo.runner import status
+
+    info = status(args.dir)
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    for wd in info:
+        shard = f" shard {wd['shard'][0]}/{wd['shard'][1]}" if wd["shard"] else ""
+        print(f"{wd['work_dir']}{shard}: " + ", ".join(f"{k} {v}" for k, v in wd["counts"].items()))
+        for f in wd["failed"]:
+            step = f" at step {f['failed_step']}" if f["failed_step"] is not None else ""
+            print(f"  failed {f['lora_id']}{step} (attempts {f['attempts']}): {f['reason']}")
+    return 0

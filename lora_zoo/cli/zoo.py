@@ -1,7 +1,136 @@
-"""CLI verbs: zoo (being written)."""
+"""CLI verbs on a zoo folder: ``info``, ``verify``, ``split``."""
 
 from __future__ import annotations
 
+import argparse
+import json
+from collections import Counter
+from typing import Any
 
-def register(sub) -> None:  # replaced by the module's owner
-    return None
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("info", help="summarize a zoo (splits, columns, ranks, modules, size)")
+    p.add_argument("zoo", help="zoo folder (or Hub repo id / fsspec URL)")
+    p.add_argument("--revision", default=None)
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("verify", help="check shard hashes, row counts, schema; exit 1 on problems")
+    p.add_argument("zoo", help="zoo folder")
+    p.add_argument("--no-hash", action="store_true", help="skip sha256 (sizes/rows/schema only)")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("split", help="compute and store a named split of a zoo")
+    p.add_argument("zoo", help="zoo folder")
+    p.add_argument("--name", required=True)
+    p.add_argument("--kind", choices=("random", "group"), default="random")
+    p.add_argument("--key", default=None, help="metadata column holding the group (kind=group)")
+    p.add_argument(
+        "--lists",
+        choices=("set", "components"),
+        default="set",
+        help="how a list-valued group is treated (see lora_zoo.splits)",
+    )
+    p.add_argument("--fractions", default="train=0.8,test=0.2")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_split)
+
+
+def _header(data: bytes) -> dict[str, Any]:
+    n = int.from_bytes(data[:8], "little")
+    return json.loads(data[8 : 8 + n])
+
+
+def summarize(zoo: Any) -> dict[str, Any]:
+    """What `info` prints: cheap reads only (rank column, one LoRA's safetensors header)."""
+    m = zoo.manifest
+    out: dict[str, Any] = {
+        "source": str(zoo.source),
+        "format_version": m["format_version"],
+        "num_rows": len(zoo),
+        "num_bytes": sum(sp["num_bytes"] for sp in m["splits"].values()),
+        "splits": {
+            s: {
+                "num_rows": sp["num_rows"],
+                "shards": len(sp["shards"]),
+                "num_bytes": sp["num_bytes"],
+            }
+            for s, sp in m["splits"].items()
+        },
+        "columns": [{k: c[k] for k in ("name", "type", "role")} for c in m["columns"]],
+        "info_keys": sorted(m.get("info", {})),
+        "named_splits": {n: ns.get("num_rows") for n, ns in m.get("named_splits", {}).items()},
+    }
+    ranks: Counter[int] = Counter()
+    base: Counter[str] = Counter()
+    for s in zoo.splits:
+        t = zoo[s].table(["rank", "base_model"])
+        ranks.update(t.column("rank").to_pylist())
+        base.update(t.column("base_model").to_pylist())
+    out["ranks"] = {str(k): v for k, v in sorted(ranks.items())}
+    out["base_models"] = dict(base)
+    first = next((s for s in zoo.splits if len(zoo[s])), None)
+    if first is not None:
+        h = _header(zoo[first].weights_bytes(0))
+        h.pop("__metadata__", None)
+        mods = sorted({k.removeprefix("base_model.model.").rsplit(".lora_", 1)[0] for k in h})
+        out["modules"] = {"count": len(mods), "first": mods[:3], "last": mods[-1]}
+        out["dtype"] = sorted({v["dtype"] for v in h.values()})
+    return out
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from lora_zoo.reader import load_zoo
+
+    s = summarize(load_zoo(args.zoo, revision=args.revision))
+    if args.json:
+        print(json.dumps(s, indent=2))
+        return 0
+    mb = s["num_bytes"] / 2**20
+    print(
+        f"zoo {s['source']}  (format v{s['format_version']}): {s['num_rows']} LoRAs, {mb:.2f} MiB"
+    )
+    for name, sp in s["splits"].items():
+        print(f"  split {name:<12} {sp['num_rows']:>8} rows  {sp['shards']:>4} shard(s)")
+    print(f"  ranks: {s['ranks']}   base models: {s['base_models']}")
+    if "modules" in s:
+        md = s["modules"]
+        print(f"  modules ({md['count']}): {', '.join(md['first'])}, ... {md['last']}")
+        print(f"  weight dtype: {', '.join(s['dtype'])}")
+    print("  columns:")
+    for c in s["columns"]:
+        print(f"    {c['name']:<32} {c['type']:<28} {c['role']}")
+    if s["named_splits"]:
+        print(f"  named splits: {s['named_splits']}")
+    print(f"  info keys: {', '.join(s['info_keys']) or '(none)'}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from lora_zoo.manifest import verify
+
+    problems = verify(args.zoo, hashes=not args.no_hash)
+    if problems:
+        print(f"{args.zoo}: {len(problems)} problem(s)")
+        for p in problems:
+            print(f"  - {p}")
+        return 1
+    print(f"{args.zoo}: OK")
+    return 0
+
+
+def cmd_split(args: argparse.Namespace) -> int:
+    from lora_zoo.splits import make_named_split
+
+    assign = make_named_split(
+        args.zoo,
+        args.name,
+        args.kind,
+        args.fractions,
+        seed=args.seed,
+        key=args.key,
+        lists=args.lists,
+    )
+    sizes = ", ".join(f"{s}={len(v)}" for s, v in assign.items())
+    print(f"stored split {args.name!r} ({args.kind}): {sizes}")
+    return 0

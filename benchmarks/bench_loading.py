@@ -1,0 +1,280 @@
+"""How fast can a LoL model be fed? One table from one run, plus the ratios that matter.
+
+    python benchmarks/bench_loading.py [--n 256] [--device cpu|cuda] [--dtype bfloat16]
+
+Rows (LoRAs/s and MB/s of stored weights):
+  (a) one PEFT adapter file per LoRA, each read with safetensors.torch.load_file (the usual way);
+  (b) the zoo's Parquet through `datasets` (Dataset.from_parquet + with_format("torch")), each
+      row's safetensors bytes decoded with safetensors.torch.load;
+  (c) lora_zoo raw factors: DataLoader over LoraIterableDataset(batch_size=B), collated batches;
+  (d) the same with view="canonical";  (e) view="svals".
+Then dense SVD vs the QR + r x r SVD path on Stable-Diffusion-sized modules (in/out 320..1280,
+r=4) and a Qwen2-0.5B-sized LoRA (q_proj 896x896, v_proj 128x896, 24 layers, r=4).
+Targets: (c)/(a) >= 10x; svals and canonical >= 20x the dense SVD. Defaults finish in well
+under 3 minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from lora_zoo import symmetry
+from lora_zoo.record import LoraModule, LoraRecord
+
+QWEN = [
+    (f"model.layers.{i}.self_attn.{p}", o, 896)
+    for i in range(24)
+    for p, o in (("q_proj", 896), ("v_proj", 128))
+]
+TINY = [  # the tiny Llama of tests/fixtures/models.py (hidden 64, 2 layers): per-file overhead
+    (f"model.layers.{i}.self_attn.{p}", o, 64)
+    for i in range(2)
+    for p, o in (("q_proj", 64), ("v_proj", 32))
+]
+PRESETS = {"qwen2-0.5b": QWEN, "tiny-llama": TINY}
+SD_SHAPES = [(320, 320), (640, 640), (1280, 1280), (320, 1280), (1280, 640), (640, 320)]
+
+
+def make_records(n: int, dtype: torch.dtype, modules=QWEN, rank: int = 4) -> list[LoraRecord]:
+    g = torch.Generator().manual_seed(0)
+    cfg = {
+        "peft_type": "LORA",
+        "r": rank,
+        "lora_alpha": 8,
+        "target_modules": ["q_proj", "v_proj"],
+        "base_model_name_or_path": "Qwen/Qwen2-0.5B",
+        "task_type": "CAUSAL_LM",
+    }
+    recs = []
+    for i in range(n):
+        mods = {
+            name: LoraModule(
+                torch.randn(rank, m, generator=g).to(dtype) * 0.02,
+                torch.randn(o, rank, generator=g).to(dtype) * 0.02,
+                8.0,
+                2.0,
+            )
+            for name, o, m in modules
+        }
+        recs.append(LoraRecord(mods, cfg, f"lora-{i:05d}"))
+    return recs
+
+
+def write_zoo(root: Path, recs: list[LoraRecord]):
+    """A zoo via lora_zoo.writer when it exists; else the documented columns in one Parquet file
+    (reported in the output, so numbers from the two paths are never confused)."""
+    try:
+        from lora_zoo.reader import load_zoo
+        from lora_zoo.writer import ZooWriter
+    except ImportError:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        (root / "data").mkdir(parents=True)
+        path = root / "data" / "train-00000.parquet"
+        pq.write_table(
+            pa.table(
+                {
+                    "lora_id": [r.lora_id for r in recs],
+                    "weights": pa.array([r.to_safetensors_bytes() for r in recs], pa.binary()),
+                    "adapter_config": [json.dumps(r.config) for r in recs],
+                    "score": [float(i) for i in range(len(recs))],
+                }
+            ),
+            path,
+            row_group_size=64,
+        )
+        return _ParquetSplit(path), [str(path)], "plain Parquet (lora_zoo.reader not available)"
+    w = ZooWriter(root)
+    for i, r in enumerate(recs):
+        w.add(r, lora_id=r.lora_id, labels={"score": float(i)}, base_model="Qwen/Qwen2-0.5B")
+    w.close()
+    files = sorted(str(p) for p in (root / "data").glob("*.parquet"))
+    return load_zoo(root)["train"], files, "lora_zoo.writer / reader"
+
+
+class _ParquetSplit:
+    """Just the ZooSplit calls the streaming loader makes, over one Parquet file."""
+
+    label_columns, metadata_columns = ["score"], []
+
+    def __init__(self, path: Path) -> None:
+        import pyarrow.parquet as pq
+
+        self.root, self._pq = str(path), pq
+        self.ids = pq.read_table(path, columns=["lora_id"]).column("lora_id").to_pylist()
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def iter_batches(self, columns=None, batch_size=1000):
+        yield from self._pq.ParquetFile(self.root).iter_batches(
+            batch_size=batch_size, columns=columns
+        )
+
+
+def timed(fn, repeat: int = 1) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def svd_rows(label: str, shapes: list[tuple[int, int]], n_dense: int, n_qr: int, dev: str) -> str:
+    """Per-LoRA ms: dense svdvals / dense SVD of U V^T (one matrix at a time, the obvious way)
+    vs symmetry.svals / symmetry.canonical (QR + r x r SVD, batched over n_qr LoRAs)."""
+    g = torch.Generator().manual_seed(1)
+    facs = [
+        (
+            torch.randn(n_qr, o, 4, generator=g).to(dev),  # U (b, out, r)
+            torch.randn(n_qr, i, 4, generator=g).to(dev),  # V (b, in, r)
+        )
+        for o, i in shapes
+    ]
+
+    def dense(full: bool):
+        def run() -> None:
+            for u, v in facs:
+                for j in range(n_dense):
+                    w = u[j] @ v[j].T  # (out, in)
+                    torch.linalg.svd(w, full_matrices=False) if full else torch.linalg.svdvals(w)
+            sync(dev)
+
+        return run
+
+    def qr(fn):
+        def run() -> None:
+            for u, v in facs:
+                fn(u, v)
+            sync(dev)
+
+        return run
+
+    u, v = facs[0]  # sanity: the fast path gives the dense answer
+    ref = torch.linalg.svdvals(u[0].double() @ v[0].double().T)[:4]
+    assert torch.allclose(symmetry.svals(u, v)[0].double(), ref, rtol=1e-4, atol=1e-6)
+    qr(symmetry.svals)(), qr(symmetry.canonical)()  # warm-up
+    d1, d2 = timed(dense(False)) / n_dense, timed(dense(True)) / n_dense
+    q1, q2 = timed(qr(symmetry.svals), 3) / n_qr, timed(qr(symmetry.canonical), 3) / n_qr
+    return (
+        f"{label:<52} {d1 * 1e3:>9.1f} {d2 * 1e3:>9.1f} {q1 * 1e3:>8.3f} {q2 * 1e3:>8.3f}"
+        f" {d1 / q1:>7.0f}x {d2 / q2:>7.0f}x"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=256, help="LoRAs in the zoo")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="qwen2-0.5b")
+    ap.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="bfloat16")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--workers", type=int, default=0, help="DataLoader workers for (c)-(e)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave default)")
+    ap.add_argument("--dense-loras", type=int, default=1, help="LoRAs timed with dense SVD")
+    ap.add_argument("--qr-loras", type=int, default=32, help="LoRAs per batched QR call")
+    ap.add_argument("--skip-svd", action="store_true", help="only the loading table")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from safetensors.torch import load as st_load
+    from safetensors.torch import load_file
+    from torch.utils.data import DataLoader
+
+    from lora_zoo.loaders import LoraIterableDataset
+
+    dev, dtype, modules = args.device, getattr(torch, args.dtype), PRESETS[args.preset]
+    tmp = Path(tempfile.mkdtemp(prefix="bench_loading_"))
+    os.environ.setdefault("HF_DATASETS_CACHE", str(tmp / "hf_cache"))
+    recs = make_records(args.n, dtype, modules)
+    mb = sum(len(r.to_safetensors_bytes()) for r in recs) / 1e6
+    dirs = []  # (a): one PEFT adapter dir per LoRA (adapter_model.safetensors + config)
+    for r in recs:
+        d = tmp / "files" / r.lora_id
+        d.mkdir(parents=True)
+        (d / "adapter_model.safetensors").write_bytes(r.to_safetensors_bytes())
+        (d / "adapter_config.json").write_text(json.dumps(r.config))
+        dirs.append(d)
+    split, files, how = write_zoo(tmp / "zoo", recs)
+    rows: list[tuple[str, float]] = []
+
+    def read_files() -> None:
+        for d in dirs:
+            json.loads((d / "adapter_config.json").read_text())
+            sd = load_file(d / "adapter_model.safetensors", device=dev)
+            assert len(sd) == 2 * len(modules)
+
+    def read_hf() -> None:
+        import datasets
+
+        ds = datasets.Dataset.from_parquet(files).with_format("torch")
+        n = 0
+        for batch in ds.iter(batch_size=args.batch_size):
+            for w in batch["weights"]:
+                n += len({k: t.to(dev) for k, t in st_load(w).items()}) > 0
+        assert n == args.n
+
+    def read_zoo(view: str):
+        def run() -> None:
+            ds = LoraIterableDataset(split, view, batch_size=args.batch_size, labels=["score"])
+            n = 0
+            for b in DataLoader(ds, batch_size=None, num_workers=args.workers):
+                mods = {k: {kk: t.to(dev) for kk, t in m.items()} for k, m in b["modules"].items()}
+                n += len(b["lora_id"])
+            assert n == args.n and len(mods) == len(modules)
+
+        return run
+
+    read_hf()  # builds the `datasets` Arrow cache once (a one-off conversion, not timed)
+    rows.append(("(a) one safetensors file per LoRA (load_file)", timed(read_files, 3)))
+    rows.append(("(b) datasets from_parquet+with_format(torch)+st.load", timed(read_hf, 3)))
+    for tag, view in (("(c)", "factors"), ("(d)", "canonical"), ("(e)", "svals")):
+        rows.append(
+            (
+                f"{tag} lora_zoo {view} (IterableDataset B={args.batch_size})",
+                timed(read_zoo(view), 3),
+            )
+        )
+    print(
+        f"# bench_loading: {args.n} LoRAs {args.preset} ({len(modules)} modules, r=4, "
+        f"{args.dtype}), {mb / args.n:.3f} MB/LoRA, device={dev}, zoo: {how}, "
+        f"torch threads={torch.get_num_threads()}, workers={args.workers}; best of 3"
+    )
+    print(f"{'path':<56} {'seconds':>8} {'LoRAs/s':>9} {'MB/s':>8} {'vs (a)':>7}")
+    ta = rows[0][1]
+    for name, t in rows:
+        print(f"{name:<56} {t:>8.3f} {args.n / t:>9.0f} {mb / t:>8.0f} {ta / t:>6.1f}x")
+    print(f"ratio (c)/(a) = {ta / rows[2][1]:.1f}x (target >= 10x)")
+    if args.skip_svd:
+        return
+    print(
+        f"\n{'per LoRA, ms':<52} {'dense sv':>9} {'dense svd':>9} {'QR sv':>8} {'QR can':>8}"
+        f" {'sv gain':>8} {'can gain':>8}"
+    )
+    sd = [SD_SHAPES[k % len(SD_SHAPES)] for k in range(16)]
+    qw = [(o, m) for _, o, m in QWEN]
+    for label, shapes in (
+        ("SD-sized: 16 modules, in/out 320..1280, r=4", sd),
+        ("Qwen2-0.5B-sized: 48 modules (q 896^2, v 128x896)", qw),
+    ):
+        print(svd_rows(label, shapes, args.dense_loras, args.qr_loras, dev))
+    print("gain = dense time / QR time per LoRA (target >= 20x)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""views.py: the registry, and every built-in view's invariance / equivariance contract."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lora_zoo import symmetry, views
+from lora_zoo.errors import SelectionError
+from lora_zoo.views import ViewContext, apply_view, available_views, get_view, register_view
+from tests.reference.dense_ref import ref_svals
+from tests.unit.test_symmetry import exact_cond_gl, well_separated
+
+SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+dims = st.tuples(st.integers(1, 10), st.integers(1, 10), st.integers(1, 5), st.integers(0, 10**6))
+
+
+def test_registry_lists_builtins_and_suggests():
+    assert {"factors", "dense", "svals", "canonical", "aligned", "gl_augment"} <= set(
+        available_views()
+    )
+    with pytest.raises(SelectionError, match="did you mean 'canonical'") as e:
+        get_view("canonicl")
+    assert e.value.key == "view"
+
+
+def test_register_a_new_view_has_one_home():
+    @register_view("_test_frob")
+    def frob(u, v, ctx):
+        return {"S": symmetry.svals(u, v).square().sum(-1, keepdim=True).sqrt()}
+
+    try:
+        u, v = well_separated(6, 5, 3, 0)
+        out = apply_view("_test_frob", u, v, ViewContext())
+        torch.testing.assert_close(out["S"][0], torch.linalg.norm(u @ v.T))
+        with pytest.raises(ValueError, match="already registered"):
+            register_view("_test_frob")(lambda u, v, c: {})
+    finally:
+        views._REGISTRY.pop("_test_frob")
+
+
+@SETTINGS
+@given(dims=dims, log_cond=st.floats(0.0, math.log(1e4)))
+def test_invariant_views_and_equivariant_factors(dims, log_cond):
+    n, m, r, seed = dims
+    u, v = well_separated(n, m, r, seed)
+    rm, rit = exact_cond_gl(r, math.exp(log_cond), seed + 7)
+    u2, v2 = u @ rm, v @ rit
+    ctx = ViewContext(module="m", indices=(0,))
+    tol = 1e-14 * math.exp(log_cond) + 1e-12
+    for name, key in (("svals", "S"), ("dense", "W"), ("canonical", "U"), ("canonical", "V")):
+        a, b = apply_view(name, u, v, ctx)[key], apply_view(name, u2, v2, ctx)[key]
+        torch.testing.assert_close(b, a, atol=tol * 100, rtol=0, msg=f"{name}.{key}")
+    f1, f2 = apply_view("factors", u, v, ctx), apply_view("factors", u2, v2, ctx)
+    torch.testing.assert_close(f2["U"], f1["U"] @ rm)  # equivariant, not invariant
+    torch.testing.assert_close(f2["V"], f1["V"] @ rit)
+
+
+def test_svals_view_agrees_with_svdvals_of_dense_view():
+    u, v = well_separated(33, 21, 4, 9)
+    ctx = ViewContext()
+    w = apply_view("dense", u, v, ctx)["W"]
+    s = apply_view("svals", u, v, ctx)["S"]
+    torch.testing.assert_close(s, torch.linalg.svdvals(w)[:4], atol=1e-12, rtol=0)
+    torch.testing.assert_close(s, ref_svals(u, v), atol=1e-12, rtol=0)
+
+
+def test_gl_augment_reproducible_keeps_delta_w_and_bounded():
+    u, v = well_separated(12, 9, 4, 1)
+    ctx = ViewContext(module="layers.0.q", indices=(17,), seed=3, epoch=0)
+    a = apply_view("gl_augment", u, v, ctx)
+    b = apply_view("gl_augment", u, v, ctx)
+    assert torch.equal(a["U"], b["U"]) and torch.equal(a["V"], b["V"])
+    torch.testing.assert_close(a["U"] @ a["V"].T, u @ v.T)
+    assert (a["U"] - u).abs().max() > 1e-2  # it really transformed
+    # recover R = U^+ U_aug and check its conditioning bound (default log_cond 2 -> e^2)
+    r_mat = torch.linalg.lstsq(u, a["U"]).solution
+    assert symmetry.condition_number(r_mat) <= math.exp(2.0) * (1 + 1e-6)
+    for other in (
+        ViewContext(module="layers.0.q", indices=(17,), seed=3, epoch=1),
+        ViewContext(module="layers.0.q", indices=(18,), seed=3, epoch=0),
+        ViewContext(module="layers.0.k", indices=(17,), seed=3, epoch=0),
+        ViewContext(module="layers.0.q", indices=(17,), seed=4, epoch=0),
+    ):
+        assert not torch.allclose(apply_view("gl_augment", u, v, other)["U"], a["U"])
+
+
+def test_batched_views_equal_per_item():
+    us, vs = zip(*(well_separated(10, 8, 3, s) for s in range(4)))
+    ub, vb = torch.stack(us), torch.stack(vs)  # (4, 10, 3), (4, 8, 3)
+    idx = (5, 6, 7, 8)
+    for name in ("factors", "dense", "svals", "canonical", "gl_augment"):
+        batched = apply_view(name, ub, vb, ViewContext(module="x", indices=idx, seed=1))
+        for i in range(4):
+            single = apply_view(
+                name, us[i], vs[i], ViewContext(module="x", indices=(idx[i],), seed=1)
+            )
+            for k, t in single.items():
+                torch.testing.assert_close(batched[k][i], t, atol=1e-12, rtol=0, msg=name)
+
+
+def test_aligned_view_orthogonal_invariant_and_mixed_rank():
+    u, v = well_separated(12, 10, 4, 2)
+    ut, vt = well_separated(12, 10, 4, 3)
+    ctx = ViewContext(module="m", template=(ut, vt))
+    q0, _ = torch.linalg.qr(torch.randn(4, 4, dtype=torch.float64))
+    a, b = apply_view("aligned", u, v, ctx), apply_view("aligned", u @ q0, v @ q0, ctx)
+    torch.testing.assert_close(a["U"], b["U"])
+    torch.testing.assert_close(a["U"] @ a["V"].T, u @ v.T)
+    # template of rank 6: both padded to 6, ΔW kept
+    ut6, vt6 = well_separated(12, 10, 6, 4)
+    c = apply_view("aligned", u, v, ViewContext(module="m", template=(ut6, vt6)))
+    assert c["U"].shape == (12, 6)
+    torch.testing.assert_close(c["U"] @ c["V"].T, u @ v.T)
+    with pytest.raises(SelectionError, match="template"):
+        apply_view("aligned", u, v, ViewContext(module="m"))
+    with pytest.raises(SelectionError, match="template module has shape"):
+        apply_view("aligned", u, v, ViewContext(module="m", template=(ut[:5], vt)))
+
+
+@pytest.mark.parametrize("name", ["factors", "svals", "canonical", "gl_augment", "dense"])
+def test_dtype_kept_or_cast(name):
+    u, v = (t.to(torch.bfloat16) for t in well_separated(8, 6, 2, 0))
+    out = apply_view(name, u, v, ViewContext(indices=(0,)))
+    assert all(t.dtype == torch.bfloat16 for t in out.values())
+    out = apply_view(name, u, v, ViewContext(indices=(0,), dtype=torch.float32))
+    assert all(t.dtype == torch.float32 for t in out.values())
