@@ -349,10 +349,13 @@ def test_builder_end_to_end_records_labels_and_peft_loadable(sample_root, tmp_pa
     assert row["attributes.Striped"] == res[1].scores["attributes"]["Striped"]
     assert row["clip_eval.prompts"] == ["a photo of {prompt}", "a {prompt} on a table"]
     assert row["hparams.grad_accum"] == 2
-    # the same jobs again (resident pipeline, latent cache warm) give identical weights
-    again = b.train(jobs[:1])
-    for name, mod in again[0].record.modules.items():
-        torch.testing.assert_close(mod.B, res[0].record.modules[name].B)
+    # the same jobs again (resident pipeline, latent cache warm) give bit-identical weights
+    # (same batch composition: a different K changes the float summation order, not the math)
+    again = b.train(jobs)
+    for got, ref in zip(again, res, strict=True):
+        for name, mod in got.record.modules.items():
+            assert torch.equal(mod.A, ref.record.modules[name].A)
+            assert torch.equal(mod.B, ref.record.modules[name].B)
 
 
 def test_failed_lora_is_isolated(sample_root, tmp_path):
