@@ -123,3 +123,24 @@ class SchemaConflictError(ZooFormatError):
 
 class DuplicateIdError(ZooFormatError):
     """A lora_id that is already in the zoo (or twice in one named split)."""
+
+
+# --- contribution: ingest / merge / export (formats engineer) ------------------------------
+class MissingAlphaError(MissingPairError):
+    """A format that needs an alpha (kohya ``.alpha``, a PEFT file's adapter_config) lacks it."""
+
+
+class FileTooLargeError(IngestError):
+    """An input file is over the ingest size limit (``--max-file-mb``)."""
+
+
+class PathEscapeError(IngestError):
+    """A path found under a source (symlink, ``..``) resolves outside that source directory."""
+
+
+class MetadataTableError(IngestError):
+    """The ingest metadata table is unreadable, has no key column, or repeats a key."""
+
+
+class IncompatibleBaseModelError(LoraZooError):
+    """Zoos / LoRAs for different base models (or module shapes) combined without asking to."""

@@ -307,7 +307,7 @@ def load_safetensors_bytes(data: bytes, *, file: str | None = None) -> dict[str,
     ):
         raise CorruptFileError(
             "this is a pickle / torch.save archive, not safetensors; convert it with "
-            "`lora-zoo ingest --convert-pickle` (uses torch.load(weights_only=True))",
+            "`lora-zoo ingest --allow-pickle-conversion` (uses torch.load(weights_only=True))",
             file=file,
         )
     try:

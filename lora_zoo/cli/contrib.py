@@ -1,7 +1,121 @@
-"""CLI verbs: contrib (being written)."""
+"""CLI verbs to contribute collections: ``ingest``, ``merge``, ``export``."""
 
 from __future__ import annotations
 
+import argparse
+import json
+from typing import Any
 
-def register(sub) -> None:  # replaced by the module's owner
-    return None
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "ingest",
+        help="turn PEFT / diffusers / kohya LoRA files into a zoo (+ a report of rejected files)",
+    )
+    p.add_argument("sources", nargs="+", metavar="SRC", help="folders, files or glob patterns")
+    p.add_argument("--out", required=True, help="new zoo folder")
+    p.add_argument("--format", default="auto", choices=("auto", "peft", "diffusers", "kohya"))
+    p.add_argument(
+        "--metadata", default=None, help="CSV / JSON / JSONL / Parquet table keyed by file or id"
+    )
+    p.add_argument("--labels", default="", help="comma-separated table columns stored as labels")
+    p.add_argument(
+        "--base-model",
+        default=None,
+        help="Hub id, or a local config.json / model or pipeline folder to check shapes against",
+    )
+    p.add_argument("--collection", default="default")
+    p.add_argument("--max-file-mb", type=float, default=None)
+    p.add_argument(
+        "--allow-pickle-conversion",
+        action="store_true",
+        help="convert .bin/.pt/.ckpt with torch.load(weights_only=True) instead of refusing",
+    )
+    p.add_argument(
+        "--assume-alpha-equals-rank",
+        action="store_true",
+        help="accept kohya files without .alpha (kohya's old default alpha = rank)",
+    )
+    p.add_argument(
+        "--report", default=None, help="report JSON path (default OUT/ingest_report.json)"
+    )
+    p.add_argument("--json", action="store_true", help="print the full report as JSON")
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("merge", help="combine zoos into one with a collection column")
+    p.add_argument("zoos", nargs="+", metavar="ZOO")
+    p.add_argument("--out", required=True)
+    p.add_argument("--names", default=None, help="comma-separated collection names, one per zoo")
+    p.add_argument(
+        "--separate-configs",
+        action="store_true",
+        help="allow different base models: one config (sub-zoo) per base model",
+    )
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("export", help="write one LoRA of a zoo as a PEFT / diffusers / kohya file")
+    p.add_argument("zoo")
+    p.add_argument("lora_id")
+    p.add_argument("--format", required=True, choices=("peft", "diffusers", "kohya"))
+    p.add_argument("--out", required=True)
+    p.add_argument("--revision", default=None)
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from lora_zoo.ingest import ingest
+
+    rep = ingest(
+        args.sources,
+        args.out,
+        format=args.format,
+        metadata=args.metadata,
+        labels=[c for c in args.labels.split(",") if c],
+        base_model=args.base_model,
+        collection=args.collection,
+        max_file_mb=args.max_file_mb,
+        allow_pickle_conversion=args.allow_pickle_conversion,
+        assume_alpha_equals_rank=args.assume_alpha_equals_rank,
+        report_path=args.report,
+    )
+    if args.json:
+        print(json.dumps(rep, indent=2, sort_keys=True, default=str))
+        return 0
+    c = rep["counts"]
+    print(
+        f"{c['accepted']} accepted, {c['rejected']} rejected, {c['duplicates']} duplicates "
+        f"(of {c['candidates']} candidates) -> {rep['out']}"
+    )
+    for r in rep["rejected"]:
+        key = f" [{r['key']}]" if r.get("key") else ""
+        print(f"  rejected {r['file']}{key}: {r['error']}: {r['message']}")
+    for d in rep["duplicates"]:
+        print(f"  duplicate {d['file']} (same content as {d['duplicate_of']})")
+    md = rep.get("metadata")
+    if md:
+        for what in ("missing_rows", "extra_rows"):
+            if md[what]:
+                print(f"  metadata {what.replace('_', ' ')}: {', '.join(md[what])}")
+        for e in md["type_errors"]:
+            print(
+                f"  metadata type error row {e['row']} column {e['column']}: {e['value']} is not {e['expected']}"
+            )
+    print(f"report: {rep['report_path']}")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from lora_zoo.merge import merge_zoos
+
+    names = [n for n in args.names.split(",")] if args.names else None
+    rep = merge_zoos(args.zoos, args.out, names=names, separate_configs=args.separate_configs)
+    print(json.dumps(rep, indent=2, sort_keys=True))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from lora_zoo.export import export_lora
+
+    path = export_lora(args.zoo, args.lora_id, args.format, args.out, revision=args.revision)
+    print(path)
+    return 0
