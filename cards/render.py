@@ -1,0 +1,424 @@
+"""Render a zoo's dataset card (README.md) from a Jinja2 template in this package.
+
+Why: the card is what people read before trusting a zoo, and its YAML header is what the Hub
+and ``datasets.load_dataset`` read to find the data. So the header is built as a Python dict
+and dumped with ``yaml.safe_dump`` (never templated text, which breaks on a stray colon), and
+it keeps exactly the ``configs:`` that ``schema.configs_header`` produces from the manifest
+(``verify`` checks the two agree). Everything in the body is derived from the manifest and
+the Parquet columns (recipe, provenance, label statistics), so re-rendering is deterministic.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections import Counter
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from lora_zoo.errors import ZooFormatError
+from lora_zoo.schema import README_NAME, configs_header
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TEMPLATE = "zoo_card.md.j2"
+CORE_DESCRIPTIONS = {
+    "lora_id": "unique id of the LoRA",
+    "weights": "safetensors bytes of a PEFT adapter_model.safetensors (factors in stored dtype)",
+    "adapter_config": "PEFT LoraConfig as JSON",
+    "base_model": "base model the LoRA adapts",
+    "collection": "sub-collection the LoRA came in with",
+    "rank": "max LoRA rank over modules",
+    "num_modules": "number of adapted modules",
+}
+_SIZE_CATEGORIES = (
+    (1_000, "n<1K"),
+    (10_000, "1K<n<10K"),
+    (100_000, "10K<n<100K"),
+    (1_000_000, "100K<n<1M"),
+    (10_000_000, "1M<n<10M"),
+)
+
+
+def size_category(n: int) -> str:
+    for bound, name in _SIZE_CATEGORIES:
+        if n < bound:
+            return name
+    return "n>1M" if n < 10_000_000 else "10M<n<100M"
+
+
+def features_yaml(zoo: Any) -> list[dict[str, Any]]:
+    """The ``dataset_info.features`` list (datasets' YAML form) of the shards' Arrow schema."""
+    import datasets
+    import pyarrow as pa
+
+    schema = pa.schema([f for f in zoo.schema])  # drop footer metadata
+    return datasets.Features.from_arrow_schema(schema)._to_yaml_list()
+
+
+def card_header(zoo: Any) -> dict[str, Any]:
+    """The Hub YAML header: license, tags, task categories, size, configs, features."""
+    info = zoo.info
+    card = info.get("card") or {}
+    base = sorted(
+        {b for s in zoo.splits for b in zoo[s].table(["base_model"]).column(0).to_pylist() if b}
+    )
+    tags = ["lora-zoo", "lora", "weight-space-learning", "peft", "safetensors"]
+    tags += [t for t in card.get("tags", []) if t not in tags]
+    header: dict[str, Any] = {
+        "license": card.get("license") or info.get("license") or "other",
+        "tags": tags,
+        "task_categories": card.get("task_categories") or ["other"],
+        "size_categories": [size_category(len(zoo))],
+        "pretty_name": card.get("pretty_name") or _title(zoo),
+    }
+    hub_base = [b for b in base if "/" in b]
+    if hub_base:
+        header["base_model"] = hub_base
+    header.update(configs_header(zoo.manifest))
+    header["dataset_info"] = {
+        "features": features_yaml(zoo),
+        "splits": [
+            {"name": s, "num_bytes": int(sp["num_bytes"]), "num_examples": int(sp["num_rows"])}
+            for s, sp in zoo.manifest["splits"].items()
+        ],
+    }
+    return header
+
+
+def builder_of(info: dict[str, Any]) -> dict[str, Any]:
+    """``info.builder`` as a dict (runner builds store a dict, other writers may store a name)."""
+    b = info.get("builder")
+    if isinstance(b, dict):
+        return b
+    return {"name": str(b)} if b else {}
+
+
+def describe_column(col: dict[str, Any], info: dict[str, Any]) -> str:
+    """One line per column: fixed text for core columns, the column's origin otherwise."""
+    name, role = col["name"], col["role"]
+    if name in CORE_DESCRIPTIONS:
+        return CORE_DESCRIPTIONS[name]
+    if name.startswith("hp."):
+        return "hyperparameter varied by the recipe (`vary:`)"
+    if name.startswith("seed."):
+        return f"seed of the `{name[5:]}` random stream (derived from the recipe seed)"
+    known = {
+        "train_example_ids": "ids of the training examples this LoRA saw",
+        "groups_included": "data groups trained on",
+        "groups_excluded": "data groups held out of training",
+        "subset_size": "number of training examples drawn",
+        "job_index": "index of the job in the recipe's plan",
+        "final_loss": "training loss at the last step",
+    }
+    if name in known:
+        return known[name]
+    if role == "label":
+        head, _, group = name.partition(".")
+        return f"label: `{head}` on group `{group}`" if group else "label (what the LoRA scores)"
+    return "metadata (how the LoRA was made)"
+
+
+def _title(zoo: Any) -> str:
+    info = zoo.info
+    name = (info.get("recipe_resolved") or {}).get("name") or (info.get("card") or {}).get("name")
+    return f"LoRA zoo: {name}" if name else "LoRA zoo"
+
+
+def _fmt(x: float) -> str:
+    if x is None or not math.isfinite(x):
+        return str(x)
+    return f"{x:.4g}"
+
+
+def label_stats(zoo: Any) -> list[dict[str, Any]]:
+    import pyarrow as pa
+
+    if not zoo.splits:
+        return []
+    out = []
+    for name in zoo[zoo.splits[0]].label_columns:
+        cols = [zoo[s].table([name]).column(0) for s in zoo.splits]
+        t = cols[0].type
+        if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)):
+            continue
+        vals = np.array([np.nan if v is None else float(v) for c in cols for v in c.to_pylist()])
+        fin = vals[np.isfinite(vals)]
+        if fin.size == 0:
+            out.append(
+                {
+                    "name": name,
+                    "count": 0,
+                    **dict.fromkeys(("mean", "std", "min", "median", "max"), "-"),
+                }
+            )
+            continue
+        out.append(
+            {
+                "name": name,
+                "count": int(fin.size),
+                "mean": _fmt(fin.mean()),
+                "std": _fmt(fin.std()),
+                "min": _fmt(fin.min()),
+                "median": _fmt(float(np.median(fin))),
+                "max": _fmt(fin.max()),
+            }
+        )
+    return out
+
+
+def provenance_rows(info: dict[str, Any]) -> list[tuple[str, str]]:
+    """Flat (what, value) rows: base model + revision, versions, git, hardware, hours."""
+    prov = info.get("provenance") or {}
+    if not prov:
+        return []
+    env = prov.get("environment") or {}
+    rows: list[tuple[str, str]] = []
+    base = (info.get("recipe_resolved") or {}).get("base_model")
+    if isinstance(base, dict):
+        bid = base.get("id") or base.get("architecture") or base.get("kind")
+        rev = base.get("revision")
+        rows.append(("base model", f"`{bid}`" + (f" @ `{rev}`" if rev else "")))
+    elif base:
+        rows.append(("base model", f"`{base}`"))
+    b = prov.get("builder") or builder_of(info)
+    if b:
+        rows.append(
+            (
+                "builder",
+                f"`{b.get('name')}` VERSION {b.get('VERSION')} "
+                f"({b.get('dist') or 'not a package'} {b.get('dist_version') or ''}".rstrip()
+                + f"; source sha256 `{str(b.get('source_sha256', ''))[:12]}`)",
+            )
+        )
+    libs = env.get("libraries") or {}
+    if libs:
+        rows.append(("lora-zoo", f"{libs.get('lora-zoo')}"))
+        rows.append(
+            ("libraries", ", ".join(f"{k} {v}" for k, v in libs.items() if v and k != "lora-zoo"))
+        )
+    git = env.get("lora_zoo_git")
+    if git:
+        rows.append(
+            (
+                "lora-zoo git commit",
+                f"`{git.get('commit')}`" + (" (dirty tree)" if git.get("dirty") else ""),
+            )
+        )
+    hw = [env.get("cpu"), f"{env.get('cpu_count')} CPU cores" if env.get("cpu_count") else None]
+    gpus = env.get("gpus") or []
+    if gpus:
+        hw.append(", ".join(f"{n} x {g}" for g, n in Counter(gpus).items()))
+    rows.append(("hardware", "; ".join(h for h in hw if h) or "unknown"))
+    if env.get("python") or env.get("platform"):
+        rows.append(("python / platform", f"{env.get('python')} / {env.get('platform')}"))
+    tm = prov.get("timing") or {}
+    if tm:
+        walls = list((tm.get("wall_time_s") or {}).values())
+        n = max(1, len(walls))
+        kind = "GPU" if tm.get("gpu_hours") else "CPU"
+        hours = tm.get("gpu_hours") or tm.get("cpu_hours") or 0.0
+        rows.append(
+            (
+                f"total {kind} hours",
+                f"{hours:.4g} ({tm.get('total_wall_s')} s wall, device {tm.get('device')})",
+            )
+        )
+        rows.append(
+            (
+                f"{kind} hours per LoRA",
+                f"{hours / n:.3g} (mean over {len(walls)}; "
+                f"min {min(walls, default=0):.3g} s, max {max(walls, default=0):.3g} s)",
+            )
+        )
+    build = info.get("build") or {}
+    if build:
+        rows.append(
+            (
+                "jobs",
+                f"{build.get('num_done')} of {build.get('num_jobs')} done, "
+                f"{len(build.get('failed') or [])} failed (diverged; listed in the manifest)",
+            )
+        )
+    return rows
+
+
+def split_method(info: dict[str, Any]) -> str:
+    out = ((info.get("recipe_resolved") or {}).get("output") or {}).get("split")
+    if not out:
+        return "How the splits were made is not recorded (set by whoever wrote the zoo)."
+    kind = out.get("kind", "none")
+    fr = ", ".join(f"{k} {v}" for k, v in (out.get("fractions") or {}).items())
+    if kind == "group":
+        return (
+            f"Group split on metadata column `{out.get('key')}` (fractions {fr}, seed "
+            f"{out.get('seed')}): LoRAs sharing a group value never straddle two splits."
+        )
+    if kind == "random":
+        return f"Seeded random split (fractions {fr}, seed {out.get('seed')})."
+    return "No split: every LoRA is in `train`."
+
+
+def _modules_and_dtypes(zoo: Any) -> tuple[dict[str, Any], list[str]]:
+    first = next((s for s in zoo.splits if len(zoo[s])), None)
+    if first is None:
+        return {"count": 0, "first": None}, []
+    data = zoo[first].weights_bytes(0)
+    n = int.from_bytes(data[:8], "little")
+    h = json.loads(data[8 : 8 + n])
+    h.pop("__metadata__", None)
+    mods = sorted({k.removeprefix("base_model.model.").rsplit(".lora_", 1)[0] for k in h})
+    return {"count": len(mods), "first": mods[0] if mods else None}, sorted(
+        {v["dtype"] for v in h.values()}
+    )
+
+
+def card_context(
+    zoo: Any, plots: dict[str, str] | None = None, repo_id: str | None = None
+) -> dict[str, Any]:
+    info, m = zoo.info, zoo.manifest
+    header = card_header(zoo)
+    ranks: Counter[int] = Counter()
+    base: set[str] = set()
+    for s in zoo.splits:
+        t = zoo[s].table(["rank", "base_model"])
+        ranks.update(t.column("rank").to_pylist())
+        base.update(b for b in t.column("base_model").to_pylist() if b)
+    modules, dtypes = _modules_and_dtypes(zoo)
+    nbytes = sum(sp["num_bytes"] for sp in m["splits"].values())
+    b = builder_of(info)
+    first_split = zoo.splits[0] if zoo.splits else "train"
+    labels = zoo[first_split].label_columns if zoo.splits else []
+    captions = {
+        "labels": ("label distributions", "Distribution of every numeric label over all LoRAs."),
+        "spectra": (
+            "singular value spectra",
+            "Singular values of each module's ΔW (median and "
+            "10-90% band over sampled LoRAs and layers), per module family; computed "
+            "from the r x r core, GL(r)-invariant.",
+        ),
+        "hparams": (
+            "hyperparameter histograms",
+            "Ranks, alphas and the training hyperparameters that vary across the zoo.",
+        ),
+    }
+    return {
+        "header_yaml": yaml.safe_dump(header, sort_keys=False, allow_unicode=True, width=100),
+        "title": _title(zoo),
+        "summary": (
+            f"{len(zoo)} LoRA adapters"
+            + (f" of `{', '.join(sorted(base))}`" if base else "")
+            + (f", built by the `{b.get('name')}` builder" if b.get("name") else "")
+            + "."
+        ),
+        "num_rows": len(zoo),
+        "splits": [
+            {"name": s, "num_rows": sp["num_rows"], "shards": len(sp["shards"])}
+            for s, sp in m["splits"].items()
+        ],
+        "base_models": sorted(base),
+        "ranks": ", ".join(f"r={r}: {n}" for r, n in sorted(ranks.items())) or "-",
+        "modules": modules,
+        "dtypes": dtypes or ["-"],
+        "builder": (
+            f"`{b.get('name')}`" + (f" VERSION {b['VERSION']}" if "VERSION" in b else "")
+            if b
+            else "(none recorded)"
+        ),
+        "size": f"{nbytes / 2**20:.2f} MiB in {sum(len(sp['shards']) for sp in m['splits'].values())} shard(s)",
+        "format_version": m["format_version"],
+        "repo_id": repo_id or (info.get("card") or {}).get("repo_id") or "<namespace>/<zoo>",
+        "first_split": first_split,
+        "label_columns": labels,
+        "recipe": (info.get("recipe") or "").strip("\n")
+        or (
+            yaml.safe_dump(info["recipe_resolved"], sort_keys=False).strip("\n")
+            if info.get("recipe_resolved")
+            else ""
+        ),
+        "columns": [{**c, "description": describe_column(c, info)} for c in m["columns"]],
+        "label_stats": label_stats(zoo),
+        "plots": [
+            {"file": f, "alt": captions[k][0], "caption": captions[k][1]}
+            for k, f in (plots or {}).items()
+            if k in captions
+        ],
+        "provenance": provenance_rows(info),
+        "split_method": split_method(info),
+        "named_splits": [
+            {
+                "name": n,
+                "desc": ", ".join(f"{k}={v}" for k, v in ns.items() if k not in ("path", "sha256")),
+            }
+            for n, ns in (zoo.named_splits or {}).items()
+            if isinstance(ns, dict)
+        ],
+    }
+
+
+def _template(template: str | os.PathLike[str] | None):
+    import jinja2
+
+    env = jinja2.Environment(
+        autoescape=False, keep_trailing_newline=True, undefined=jinja2.StrictUndefined
+    )
+    if template is None:
+        text = resources.files("lora_zoo.cards").joinpath(DEFAULT_TEMPLATE).read_text("utf-8")
+    else:
+        path = Path(template)
+        if not path.exists():
+            raise ZooFormatError("card template not found", file=path)
+        text = path.read_text("utf-8")
+    return env.from_string(text)
+
+
+def render_card(
+    root_or_zoo: Any,
+    *,
+    plots: dict[str, str] | None = None,
+    template: str | os.PathLike[str] | None = None,
+    repo_id: str | None = None,
+) -> str:
+    """The card's text for a zoo (a Zoo object or anything ``load_zoo`` opens)."""
+    from lora_zoo.reader import Zoo, load_zoo
+
+    zoo = root_or_zoo if isinstance(root_or_zoo, Zoo) else load_zoo(root_or_zoo)
+    if plots is None and zoo.is_local:  # link plots already drawn next to the card
+        pdir = Path(zoo.root) / "plots"
+        plots = {
+            k: f"{k}.png" for k in ("labels", "spectra", "hparams") if (pdir / f"{k}.png").exists()
+        }
+    return _template(template).render(**card_context(zoo, plots, repo_id))
+
+
+def write_card(
+    root: str | os.PathLike[str],
+    *,
+    plots: bool = True,
+    template: str | os.PathLike[str] | None = None,
+    repo_id: str | None = None,
+) -> Path:
+    """Draw the plots into ``root/plots`` and write ``root/README.md`` atomically."""
+    from lora_zoo.manifest import atomic_write_bytes
+    from lora_zoo.reader import load_zoo
+
+    root = Path(root)
+    zoo = load_zoo(root)
+    made: dict[str, str] = {}
+    if plots:
+        from lora_zoo.plots import make_plots
+
+        made = make_plots(zoo, root / "plots")
+    text = render_card(zoo, plots=made, template=template, repo_id=repo_id)
+    atomic_write_bytes(root / README_NAME, text.encode("utf-8"))
+    log.info("wrote %s (%d plots)", root / README_NAME, len(made))
+    return root / README_NAME
+
+
+__all__ = ["card_header", "label_stats", "provenance_rows", "render_card", "write_card"]
