@@ -1,4 +1,4 @@
-"""CLI verbs to publish, fetch and compare zoos: ``push``, ``pull``, ``verify-remote``, ``card``,
+"""CLI verbs to publish, fetch and compare zoos: ``push``, ``pull``, ``card``,
 ``rebuild``, ``diff``.
 
 ``push`` / ``pull`` take a Hub repo id (``ns/name``, ``hf://datasets/ns/name``) or any fsspec URL
@@ -29,15 +29,6 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_push)
-
-    p = sub.add_parser(
-        "verify-remote",
-        help="verify a zoo anywhere (folder, Hub repo, fsspec URL); exit 1 on problems",
-    )
-    p.add_argument("zoo", help="zoo folder, Hub repo id or fsspec URL")
-    p.add_argument("--revision", default=None)
-    p.add_argument("--no-hash", action="store_true", help="skip sha256 (sizes/rows/schema only)")
-    p.set_defaults(func=cmd_verify_remote)
 
     p = sub.add_parser("pull", help="download a remote zoo into a folder (hashes checked)")
     p.add_argument("source", help="Hub repo id or fsspec URL")
@@ -100,19 +91,6 @@ def cmd_push(args: argparse.Namespace) -> int:
         print(f"commit {res.commit}")
     if res.pr_url:
         print(f"pull request {res.pr_url}")
-    return 0
-
-
-def cmd_verify_remote(args: argparse.Namespace) -> int:
-    from lora_zoo.remote import verify_source
-
-    problems = verify_source(args.zoo, args.revision, hashes=not args.no_hash)
-    if problems:
-        print(f"{args.zoo}: {len(problems)} problem(s)")
-        for p in problems:
-            print(f"  - {p}")
-        return 1
-    print(f"{args.zoo}: OK")
     return 0
 
 

@@ -16,7 +16,8 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("verify", help="check shard hashes, row counts, schema; exit 1 on problems")
-    p.add_argument("zoo", help="zoo folder")
+    p.add_argument("zoo", help="zoo folder, Hub repo id or fsspec URL")
+    p.add_argument("--revision", default=None, help="Hub branch, tag or commit")
     p.add_argument("--no-hash", action="store_true", help="skip sha256 (sizes/rows/schema only)")
     p.set_defaults(func=cmd_verify)
 
@@ -107,9 +108,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from lora_zoo.manifest import verify
+    from lora_zoo.remote import verify_source
 
-    problems = verify(args.zoo, hashes=not args.no_hash)
+    problems = verify_source(args.zoo, args.revision, hashes=not args.no_hash)
     if problems:
         print(f"{args.zoo}: {len(problems)} problem(s)")
         for p in problems:

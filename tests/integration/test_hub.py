@@ -138,7 +138,7 @@ def test_corrupted_shard_is_named_on_pull_and_verify(hub, zoo_dir):  # noqa: F81
     from lora_zoo.remote import verify_source
 
     assert verify_source(f"hf://datasets/{REPO}") == problems
-    assert main(["verify-remote", REPO]) == 1
+    assert main(["verify", REPO]) == 1
     assert verify_source("tester/nothing-here")[0].startswith("tester/nothing-here")
 
 
@@ -161,7 +161,7 @@ def test_cli_push_pull_info(hub, zoo_dir, tmp_path, capsys):  # noqa: F811
     assert hub.state.repos[("dataset", REPO)].private
     card = (zoo_dir / "README.md").read_text()
     assert f'load_zoo("{REPO}")' in card and (zoo_dir / "plots" / "spectra.png").exists()
-    assert main(["verify-remote", REPO]) == 0
+    assert main(["verify", REPO]) == 0
     dest = tmp_path / "pulled"
     assert main(["pull", REPO, str(dest), "--no-progress"]) == 0
     assert "OK" in capsys.readouterr().out
