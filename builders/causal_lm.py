@@ -46,8 +46,10 @@ def split_holdout(examples: list[Example], fraction: float, seed: int) -> tuple[
     random.Random(seed).shuffle(idx)
     n_eval = int(round(fraction * len(examples)))
     held = set(idx[:n_eval])
-    return ([e for i, e in enumerate(examples) if i not in held],
-            [e for i, e in enumerate(examples) if i in held])
+    return (
+        [e for i, e in enumerate(examples) if i not in held],
+        [e for i, e in enumerate(examples) if i in held],
+    )
 
 
 class CausalLMBuilder:
@@ -57,10 +59,16 @@ class CausalLMBuilder:
     VERSION: ClassVar[str] = "1"
     Config: ClassVar[type[CausalLMConfig]] = CausalLMConfig
 
-    def __init__(self, config: CausalLMConfig | dict[str, Any], *, device: str = "cpu",
-                 cache_dir: str | None = None) -> None:
-        self.config = (config if isinstance(config, CausalLMConfig)
-                       else CausalLMConfig.model_validate(config))
+    def __init__(
+        self,
+        config: CausalLMConfig | dict[str, Any],
+        *,
+        device: str = "cpu",
+        cache_dir: str | None = None,
+    ) -> None:
+        self.config = (
+            config if isinstance(config, CausalLMConfig) else CausalLMConfig.model_validate(config)
+        )
         self.device = torch.device(device)
         self.cache_dir = cache_dir
         self._ready = False
@@ -72,8 +80,9 @@ class CausalLMBuilder:
     # ---- protocol ---------------------------------------------------------------------------
     @classmethod
     def list_groups(cls, config: CausalLMConfig | dict[str, Any]) -> list[str]:
-        cfg = config if isinstance(config, CausalLMConfig) else CausalLMConfig.model_validate(
-            config)
+        cfg = (
+            config if isinstance(config, CausalLMConfig) else CausalLMConfig.model_validate(config)
+        )
         return sorted({e.group for e in load_examples(cfg.data)})
 
     def train(self, jobs: Sequence[JobSpec]) -> list[TrainedLora]:
@@ -84,8 +93,12 @@ class CausalLMBuilder:
         plans = [self._plan_job(j) for j in jobs]
         specs = [p["spec"] for p in plans]
         if self._mm is None:
-            self._mm = MultiLoraModel(self.model, self.config.lora.target_modules, specs,
-                                      dtype=DTYPES[self.config.train.factor_dtype])
+            self._mm = MultiLoraModel(
+                self.model,
+                self.config.lora.target_modules,
+                specs,
+                dtype=DTYPES[self.config.train.factor_dtype],
+            )
         else:
             self._mm.reset(specs)
         trainer = MultiLoraTrainer(self._mm, [p["hp"] for p in plans])
@@ -93,18 +106,30 @@ class CausalLMBuilder:
         self._mm.eval()
         ev = self.config.eval
         scores = summarise(
-            self.eval_examples, self.eval_rows,
-            score_rows(self.model, self.eval_rows, len(jobs), batch_size=ev.batch_size,
-                       pad_id=self.tok.pad_id, device=self.device, desc="eval LoRAs"),
-            loss_on=self.config.train.loss_on, per_group=ev.per_group)
+            self.eval_examples,
+            self.eval_rows,
+            score_rows(
+                self.model,
+                self.eval_rows,
+                len(jobs),
+                batch_size=ev.batch_size,
+                pad_id=self.tok.pad_id,
+                device=self.device,
+                desc="eval LoRAs",
+            ),
+            loss_on=self.config.train.loss_on,
+            per_group=ev.per_group,
+        )
         records = self._mm.extract(
-            [j.lora_id for j in jobs], base_model_name=self.base_name,
-            extra_config={"task_type": "CAUSAL_LM", "revision": self.base_revision})
+            [j.lora_id for j in jobs],
+            base_model_name=self.base_name,
+            extra_config={"task_type": "CAUSAL_LM", "revision": self.base_revision},
+        )
         wall = (time.perf_counter() - t0) / len(jobs)
         out = []
         for k, (job, plan) in enumerate(zip(jobs, plans)):
             hist = [float(h[k]) for h in trainer.loss_history if not math.isnan(float(h[k]))]
-            tail = hist[-max(1, min(10, len(hist) // 5 or 1)):]
+            tail = hist[-max(1, min(10, len(hist) // 5 or 1)) :]
             meta = {
                 "train_example_ids": plan["ids"],
                 "n_train_examples": len(plan["ids"]),
@@ -113,7 +138,8 @@ class CausalLMBuilder:
                 "train_steps": int(trainer.steps_done[k]),
                 "train_loss_first": hist[0] if hist else None,
                 "final_train_loss": sum(tail) / len(tail) if tail else None,
-                "base_model": self.base_name,
+                "base_model_name": self.base_name,
+                "train_hparams": plan["resolved"],
                 **self.base_info,
             }
             if self.base_scores is not None:
@@ -123,9 +149,18 @@ class CausalLMBuilder:
             sc = dict(scores[k])
             sc["in_group"] = {g: g in plan["included"] for g in self.groups}
             if trainer.failed_step[k] is not None:
-                out.append(TrainedLora(job, None, meta, {}, status="failed",
-                                       error=trainer.failure_reason[k],
-                                       failed_step=trainer.failed_step[k], wall_time_s=wall))
+                out.append(
+                    TrainedLora(
+                        job,
+                        None,
+                        meta,
+                        {},
+                        status="failed",
+                        error=trainer.failure_reason[k],
+                        failed_step=trainer.failed_step[k],
+                        wall_time_s=wall,
+                    )
+                )
             else:
                 out.append(TrainedLora(job, records[k], meta, sc, wall_time_s=wall))
         return out
@@ -141,12 +176,14 @@ class CausalLMBuilder:
         else:
             pool, held = split_holdout(examples, cfg.eval.holdout_fraction, cfg.eval.holdout_seed)
         if cfg.eval.max_examples is not None and len(held) > cfg.eval.max_examples:
-            keep = sorted(random.Random(cfg.eval.holdout_seed).sample(
-                range(len(held)), cfg.eval.max_examples))
+            keep = sorted(
+                random.Random(cfg.eval.holdout_seed).sample(range(len(held)), cfg.eval.max_examples)
+            )
             held = [held[i] for i in keep]
         if not pool or not held:
-            raise DataSourceError(f"{len(pool)} training and {len(held)} eval examples; need "
-                                  "both", key="data")
+            raise DataSourceError(
+                f"{len(pool)} training and {len(held)} eval examples; need both", key="data"
+            )
         self.pool, self.eval_examples = pool, held
         self.pool_by_id = {e.id: e for e in pool}
         self.groups = sorted({e.group for e in pool})
@@ -159,8 +196,7 @@ class CausalLMBuilder:
             data_key = hashlib.sha256(
                 (cfg.data.model_dump_json() + "|".join(e.id for e in pool)).encode()
             ).hexdigest()
-            model, self.base_info = load_config_model(bm, self.tok, rows, data_key,
-                                                      self.cache_dir)
+            model, self.base_info = load_config_model(bm, self.tok, rows, data_key, self.cache_dir)
             self.base_name = f"config:{bm.architecture}:{self.base_info['base_model_hash']}"
         elif bm.kind == "hub":
             model, hf_tok = load_hub_model(bm, dtype)
@@ -172,14 +208,25 @@ class CausalLMBuilder:
             self.base_name = f"gguf:{bm.package}"
         self.model = model.to(self.device, dtype).eval()
         self._tok_cache.clear()  # the tokenizer may have changed
-        self.eval_rows = build_eval_rows(held, self._tokenize, cfg.train.max_seq_len,
-                                         cfg.eval.multiple_choice)
+        self.eval_rows = build_eval_rows(
+            held, self._tokenize, cfg.train.max_seq_len, cfg.eval.multiple_choice
+        )
         if cfg.builder_args.evaluate_base:
             self.base_scores = summarise(
-                held, self.eval_rows,
-                score_rows(self.model, self.eval_rows, 1, batch_size=cfg.eval.batch_size,
-                           pad_id=self.tok.pad_id, device=self.device, desc="eval base"),
-                loss_on=cfg.train.loss_on, per_group=False)[0]
+                held,
+                self.eval_rows,
+                score_rows(
+                    self.model,
+                    self.eval_rows,
+                    1,
+                    batch_size=cfg.eval.batch_size,
+                    pad_id=self.tok.pad_id,
+                    device=self.device,
+                    desc="eval base",
+                ),
+                loss_on=cfg.train.loss_on,
+                per_group=False,
+            )[0]
             logger.info("base model eval: %s", self.base_scores)
         self._ready = True
 
@@ -193,7 +240,7 @@ class CausalLMBuilder:
         conts = []
         for ch in ex.choices:
             whole = self.tok.encode(ex.context + ch)
-            conts.append(whole[len(ctx):] if whole[: len(ctx)] == ctx else self.tok.encode(ch))
+            conts.append(whole[len(ctx) :] if whole[: len(ctx)] == ctx else self.tok.encode(ch))
         out = ([self.tok.bos_id, *ctx], conts)
         self._tok_cache[ex.id] = out
         return out
@@ -213,8 +260,11 @@ class CausalLMBuilder:
         cfg = self.config
         unknown = set(job.hparams) - set(HPARAM_KEYS)
         if unknown:
-            raise BuildError(f"unknown hyperparameter(s) {sorted(unknown)} for causal_lm; "
-                             f"known: {sorted(HPARAM_KEYS)}", key=f"hparams.{sorted(unknown)[0]}")
+            raise BuildError(
+                f"unknown hyperparameter(s) {sorted(unknown)} for causal_lm; "
+                f"known: {sorted(HPARAM_KEYS)}",
+                key=f"hparams.{sorted(unknown)[0]}",
+            )
         hp = {}
         for key, section in HPARAM_KEYS.items():
             hp[key] = job.hparams.get(key, getattr(getattr(cfg, section), key))
@@ -229,8 +279,12 @@ class CausalLMBuilder:
         unknown = set(inc or []) | set(exc)
         unknown -= set(self.groups)
         if unknown:
-            logger.warning("job %s: groups %s not in the data (groups: %s)", job.lora_id,
-                           sorted(unknown), self.groups)
+            logger.warning(
+                "job %s: groups %s not in the data (groups: %s)",
+                job.lora_id,
+                sorted(unknown),
+                self.groups,
+            )
         included = sorted(set(inc) if inc is not None else set(self.groups) - set(exc))
         included = [g for g in included if g in self.groups and g not in exc]
         excluded = sorted(set(self.groups) - set(included))
@@ -240,26 +294,50 @@ class CausalLMBuilder:
         if size is not None and int(size) < len(cand):
             cand = sorted(rng.sample(cand, int(size)), key=cand.index)
         if not cand:
-            raise DataSourceError(f"job {job.lora_id} has no training examples (groups "
-                                  f"{included})", key="subset")
+            raise DataSourceError(
+                f"job {job.lora_id} has no training examples (groups {included})", key="subset"
+            )
         b = int(hp["batch_size"])
-        steps = (int(hp["steps"]) if hp.get("steps") else
-                 max(1, math.ceil(float(hp["epochs"]) * len(cand) / b)))
+        steps = (
+            int(hp["steps"])
+            if hp.get("steps")
+            else max(1, math.ceil(float(hp["epochs"]) * len(cand) / b))
+        )
         order: list[str] = []
         while len(order) < steps * b:  # epoch after epoch, each a fresh seeded permutation
             perm = list(cand)
             rng.shuffle(perm)
             order += perm
-        spec = LoraSpec(r=int(hp["r"]), alpha=float(hp["alpha"]), dropout=float(hp["dropout"]),
-                        init_seed=int(job.seeds.get("init", 0)),
-                        dropout_seed=int(job.seeds.get("dropout", 0)),
-                        use_rslora=bool(hp["use_rslora"]))
-        thp = TrainHParams(lr=float(hp["lr"]), weight_decay=float(hp["weight_decay"]),
-                           betas=tuple(hp["betas"]), eps=float(hp["eps"]),
-                           max_grad_norm=hp["max_grad_norm"], total_steps=steps,
-                           warmup_steps=int(hp["warmup_steps"]), schedule=str(hp["schedule"]))
-        return {"spec": spec, "hp": thp, "ids": cand, "order": order, "batch": b,
-                "included": included, "excluded": excluded}
+        spec = LoraSpec(
+            r=int(hp["r"]),
+            alpha=float(hp["alpha"]),
+            dropout=float(hp["dropout"]),
+            init_seed=int(job.seeds.get("init", 0)),
+            dropout_seed=int(job.seeds.get("dropout", 0)),
+            use_rslora=bool(hp["use_rslora"]),
+        )
+        thp = TrainHParams(
+            lr=float(hp["lr"]),
+            weight_decay=float(hp["weight_decay"]),
+            betas=tuple(hp["betas"]),
+            eps=float(hp["eps"]),
+            max_grad_norm=hp["max_grad_norm"],
+            total_steps=steps,
+            warmup_steps=int(hp["warmup_steps"]),
+            schedule=str(hp["schedule"]),
+        )
+        resolved = {key: (list(v) if isinstance(v, tuple) else v) for key, v in hp.items()}
+        resolved["steps"] = steps  # what was actually run (epochs resolve to steps here)
+        return {
+            "spec": spec,
+            "hp": thp,
+            "ids": cand,
+            "order": order,
+            "batch": b,
+            "included": included,
+            "excluded": excluded,
+            "resolved": resolved,
+        }
 
     # ---- training loop ----------------------------------------------------------------------
     def _rows_tensor(self, ids: list[str]) -> dict[str, torch.Tensor]:
@@ -269,8 +347,7 @@ class CausalLMBuilder:
         y = torch.full((len(rows), t), IGNORE_INDEX, dtype=torch.long)
         m = torch.zeros((len(rows), t), dtype=torch.long)
         for i, (a, lab) in enumerate(rows):
-            x[i, : len(a)], y[i, : len(a)], m[i, : len(a)] = (
-                torch.tensor(a), torch.tensor(lab), 1)
+            x[i, : len(a)], y[i, : len(a)], m[i, : len(a)] = (torch.tensor(a), torch.tensor(lab), 1)
         return {"input_ids": x, "labels": y, "attention_mask": m}
 
     def _train_loop(self, trainer: MultiLoraTrainer, plans: list[dict[str, Any]]) -> None:
@@ -285,13 +362,19 @@ class CausalLMBuilder:
             if trainer.done:
                 break
             act = trainer.active.tolist()
-            per = [self._rows_tensor(p["order"][step * p["batch"]:(step + 1) * p["batch"]])
-                   if act[i] else None for i, p in enumerate(plans)]
+            per = [
+                self._rows_tensor(p["order"][step * p["batch"] : (step + 1) * p["batch"]])
+                if act[i]
+                else None
+                for i, p in enumerate(plans)
+            ]
             batch = {key: v.to(dev) for key, v in stack_rows(per, pad, rows=b_max).items()}
             if n_micro == 1:
+
                 def closure(batch=batch) -> torch.Tensor:
-                    logits = model(input_ids=batch["input_ids"],
-                                   attention_mask=batch["attention_mask"]).logits
+                    logits = model(
+                        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                    ).logits
                     return causal_lm_losses(logits, batch["labels"], k)
 
                 trainer.step(closure)
@@ -300,10 +383,13 @@ class CausalLMBuilder:
             counts = (view["labels"][:, :, 1:] != IGNORE_INDEX).sum(dim=(1, 2)).clamp_min(1)
 
             def micro_closure(i: int, view=view, counts=counts) -> torch.Tensor:
-                part = {key: v[:, i * micro:(i + 1) * micro].reshape(-1, v.shape[-1])
-                        for key, v in view.items()}  # (K*m, T)
-                logits = model(input_ids=part["input_ids"],
-                               attention_mask=part["attention_mask"]).logits
+                part = {
+                    key: v[:, i * micro : (i + 1) * micro].reshape(-1, v.shape[-1])
+                    for key, v in view.items()
+                }  # (K*m, T)
+                logits = model(
+                    input_ids=part["input_ids"], attention_mask=part["attention_mask"]
+                ).logits
                 sums, _ = causal_lm_loss_sums(logits, part["labels"], k)
                 return sums / counts
 
@@ -311,6 +397,13 @@ class CausalLMBuilder:
 
     def describe(self) -> dict[str, Any]:
         """JSON-able facts about the base for the zoo's info (runner/provenance may store it)."""
-        return json.loads(json.dumps({"base_model": getattr(self, "base_name", None),
-                                      "groups": getattr(self, "groups", None),
-                                      **self.base_info}, default=str))
+        return json.loads(
+            json.dumps(
+                {
+                    "base_model": getattr(self, "base_name", None),
+                    "groups": getattr(self, "groups", None),
+                    **self.base_info,
+                },
+                default=str,
+            )
+        )

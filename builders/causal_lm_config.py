@@ -141,8 +141,18 @@ class CausalLMConfig(_Strict):
 
 # hparams a JobSpec may carry, and the section each default comes from
 HPARAM_KEYS = {
-    "lr": "train", "weight_decay": "train", "epochs": "train", "steps": "train",
-    "batch_size": "train", "max_grad_norm": "train", "warmup_steps": "train",
-    "schedule": "train", "betas": "train", "eps": "train",
-    "r": "lora", "alpha": "lora", "dropout": "lora", "use_rslora": "lora",
+    "lr": "train",
+    "weight_decay": "train",
+    "epochs": "train",
+    "steps": "train",
+    "batch_size": "train",
+    "max_grad_norm": "train",
+    "warmup_steps": "train",
+    "schedule": "train",
+    "betas": "train",
+    "eps": "train",
+    "r": "lora",
+    "alpha": "lora",
+    "dropout": "lora",
+    "use_rslora": "lora",
 }

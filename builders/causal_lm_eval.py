@@ -17,8 +17,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .text_data import Example
 from lora_zoo.engine import causal_lm_token_logprobs
+
+from .text_data import Example
 
 
 @dataclass(frozen=True)
@@ -32,8 +33,9 @@ class EvalRow:
     cont_chars: int
 
 
-def build_eval_rows(examples: Sequence[Example], tokenize: Any, max_len: int,
-                    multiple_choice: bool) -> list[EvalRow]:
+def build_eval_rows(
+    examples: Sequence[Example], tokenize: Any, max_len: int, multiple_choice: bool
+) -> list[EvalRow]:
     """tokenize(example) -> (ctx_ids incl. BOS, [cont_ids per choice]). Left-truncates long rows
     (as lm-eval does) so the continuation is always scored whole."""
     rows = []
@@ -51,8 +53,16 @@ def build_eval_rows(examples: Sequence[Example], tokenize: Any, max_len: int,
 
 
 @torch.no_grad()
-def score_rows(model: torch.nn.Module, rows: Sequence[EvalRow], k: int, *, batch_size: int,
-               pad_id: int, device: torch.device, desc: str = "eval") -> tuple[torch.Tensor, ...]:
+def score_rows(
+    model: torch.nn.Module,
+    rows: Sequence[EvalRow],
+    k: int,
+    *,
+    batch_size: int,
+    pad_id: int,
+    device: torch.device,
+    desc: str = "eval",
+) -> tuple[torch.Tensor, ...]:
     """Per LoRA and row: (continuation logprob (K, R), full logprob (K, R), full tokens (R,),
     continuation tokens (R,)). ``k`` = LoRAs stacked in the model (1 for the plain base)."""
     n_rows = len(rows)
@@ -83,8 +93,14 @@ def score_rows(model: torch.nn.Module, rows: Sequence[EvalRow], k: int, *, batch
     return cont_lp, full_lp, n_full, n_cont
 
 
-def summarise(examples: Sequence[Example], rows: Sequence[EvalRow], scores: tuple[torch.Tensor, ...],
-              *, loss_on: str, per_group: bool) -> list[dict[str, Any]]:
+def summarise(
+    examples: Sequence[Example],
+    rows: Sequence[EvalRow],
+    scores: tuple[torch.Tensor, ...],
+    *,
+    loss_on: str,
+    per_group: bool,
+) -> list[dict[str, Any]]:
     """Per LoRA: eval_loss (mean token NLL over the correct continuations' sequences), acc,
     acc_norm (multiple-choice examples only) and per-group versions."""
     cont_lp, full_lp, n_full, n_cont = scores
@@ -106,7 +122,8 @@ def summarise(examples: Sequence[Example], rows: Sequence[EvalRow], scores: tupl
             tok_sum[g] += float(nt[i])
         total_tok = sum(tok_sum.values())
         res: dict[str, Any] = {
-            "eval_loss": sum(loss_sum.values()) / total_tok if total_tok else math.nan}
+            "eval_loss": sum(loss_sum.values()) / total_tok if total_tok else math.nan
+        }
         hits: dict[str, list[float]] = defaultdict(list)
         hits_norm: dict[str, list[float]] = defaultdict(list)
         for e, rs in mc.items():
@@ -117,15 +134,17 @@ def summarise(examples: Sequence[Example], rows: Sequence[EvalRow], scores: tupl
             choice_ids = [rows[i].choice for i in rs]
             hits[g].append(float(choice_ids[max(range(len(rs)), key=raw.__getitem__)] == label))
             hits_norm[g].append(
-                float(choice_ids[max(range(len(rs)), key=norm.__getitem__)] == label))
+                float(choice_ids[max(range(len(rs)), key=norm.__getitem__)] == label)
+            )
         if mc:
             all_hits = [h for v in hits.values() for h in v]
             all_norm = [h for v in hits_norm.values() for h in v]
             res["acc"] = sum(all_hits) / len(all_hits)
             res["acc_norm"] = sum(all_norm) / len(all_norm)
         if per_group:
-            res["eval_loss_by_group"] = {g: loss_sum[g] / tok_sum[g] for g in sorted(loss_sum)
-                                         if tok_sum[g]}
+            res["eval_loss_by_group"] = {
+                g: loss_sum[g] / tok_sum[g] for g in sorted(loss_sum) if tok_sum[g]
+            }
             if mc:
                 res["acc_by_group"] = {g: sum(v) / len(v) for g, v in sorted(hits.items())}
         out.append(res)

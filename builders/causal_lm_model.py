@@ -26,19 +26,27 @@ from lora_zoo.errors import BuildError
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-          "float64": torch.float64}
+DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float64": torch.float64,
+}
 
 
 def cache_root(cache_dir: str | None = None) -> Path:
     """$LORA_ZOO_CACHE, else ~/.cache/lora_zoo (a builder's ``cache_dir`` wins)."""
-    root = cache_dir or os.environ.get("LORA_ZOO_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "lora_zoo")
+    root = (
+        cache_dir
+        or os.environ.get("LORA_ZOO_CACHE")
+        or os.path.join(os.path.expanduser("~"), ".cache", "lora_zoo")
+    )
     return Path(root)
 
 
-def build_from_config(architecture: str, config: dict[str, Any], vocab_size: int,
-                      seed: int) -> torch.nn.Module:
+def build_from_config(
+    architecture: str, config: dict[str, Any], vocab_size: int, seed: int
+) -> torch.nn.Module:
     """A randomly initialised model; the seed fixes the init so the cache key is meaningful."""
     import transformers
 
@@ -48,8 +56,10 @@ def build_from_config(architecture: str, config: dict[str, Any], vocab_size: int
         "gpt2": ("GPT2Config", "GPT2LMHeadModel"),
     }
     if architecture not in classes:
-        raise BuildError(f"unknown architecture {architecture!r}; have {sorted(classes)}",
-                         key="base_model.architecture")
+        raise BuildError(
+            f"unknown architecture {architecture!r}; have {sorted(classes)}",
+            key="base_model.architecture",
+        )
     cfg_cls, model_cls = (getattr(transformers, n) for n in classes[architecture])
     cfg = dict(config)
     cfg["vocab_size"] = vocab_size
@@ -61,15 +71,24 @@ def build_from_config(architecture: str, config: dict[str, Any], vocab_size: int
     return model_cls(hf_cfg)
 
 
-def pretrain(model: torch.nn.Module, rows: Sequence[list[int]], *, steps: int, lr: float,
-             batch_size: int, seed: int, pad_id: int) -> list[float]:
+def pretrain(
+    model: torch.nn.Module,
+    rows: Sequence[list[int]],
+    *,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    pad_id: int,
+) -> list[float]:
     """Plain full-parameter AdamW LM training on token rows (each already bos+text+eos)."""
     rng = random.Random(seed)
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / max(1, steps // 10)) * max(0.0, 1 - s / steps))
+        opt, lambda s: min(1.0, (s + 1) / max(1, steps // 10)) * max(0.0, 1 - s / steps)
+    )
     model.train()
     losses = []
     for _ in tqdm(range(steps), desc="pretrain base", leave=False):
@@ -92,19 +111,31 @@ def pretrain(model: torch.nn.Module, rows: Sequence[list[int]], *, steps: int, l
     return losses
 
 
-def load_config_model(section: Any, tokenizer: Any, pretrain_rows: Sequence[list[int]],
-                      data_key: str, cache_dir: str | None) -> tuple[torch.nn.Module, dict]:
+def load_config_model(
+    section: Any,
+    tokenizer: Any,
+    pretrain_rows: Sequence[list[int]],
+    data_key: str,
+    cache_dir: str | None,
+) -> tuple[torch.nn.Module, dict]:
     """Build (and maybe pretrain + cache) a from-config model. Returns (model, info)."""
     key_doc = {
-        "architecture": section.architecture, "config": section.config,
-        "tokenizer": tokenizer.name, "vocab": tokenizer.vocab_size, "seed": section.seed,
-        "pretrain_steps": section.pretrain_steps, "pretrain_lr": section.pretrain_lr,
-        "pretrain_batch_size": section.pretrain_batch_size, "data": data_key,
-        "n_rows": len(pretrain_rows), "torch": torch.__version__.split("+")[0],
+        "architecture": section.architecture,
+        "config": section.config,
+        "tokenizer": tokenizer.name,
+        "vocab": tokenizer.vocab_size,
+        "seed": section.seed,
+        "pretrain_steps": section.pretrain_steps,
+        "pretrain_lr": section.pretrain_lr,
+        "pretrain_batch_size": section.pretrain_batch_size,
+        "data": data_key,
+        "n_rows": len(pretrain_rows),
+        "torch": torch.__version__.split("+")[0],
     }
     digest = hashlib.sha256(json.dumps(key_doc, sort_keys=True).encode()).hexdigest()[:16]
-    model = build_from_config(section.architecture, section.config, tokenizer.vocab_size,
-                              section.seed)
+    model = build_from_config(
+        section.architecture, section.config, tokenizer.vocab_size, section.seed
+    )
     info: dict[str, Any] = {"base_model_hash": digest, "pretrain_steps": section.pretrain_steps}
     if section.pretrain_steps <= 0:
         return model.eval(), info
@@ -114,17 +145,27 @@ def load_config_model(section: Any, tokenizer: Any, pretrain_rows: Sequence[list
         logger.info("loaded pretrained base from cache %s", path)
         info["pretrain_cached"] = True
         return model.eval(), info
-    losses = pretrain(model, pretrain_rows, steps=section.pretrain_steps, lr=section.pretrain_lr,
-                      batch_size=section.pretrain_batch_size, seed=section.seed,
-                      pad_id=tokenizer.pad_id)
+    losses = pretrain(
+        model,
+        pretrain_rows,
+        steps=section.pretrain_steps,
+        lr=section.pretrain_lr,
+        batch_size=section.pretrain_batch_size,
+        seed=section.seed,
+        pad_id=tokenizer.pad_id,
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     save_model(model, str(tmp), metadata={"lora_zoo.key": json.dumps(key_doc, sort_keys=True)})
     os.replace(tmp, path)  # atomic: concurrent shards never read a half-written base
-    logger.info("pretrained base %d steps: loss %.3f -> %.3f; cached %s",
-                section.pretrain_steps, losses[0], losses[-1], path)
-    info.update(pretrain_cached=False, pretrain_loss_first=losses[0],
-                pretrain_loss_last=losses[-1])
+    logger.info(
+        "pretrained base %d steps: loss %.3f -> %.3f; cached %s",
+        section.pretrain_steps,
+        losses[0],
+        losses[-1],
+        path,
+    )
+    info.update(pretrain_cached=False, pretrain_loss_first=losses[0], pretrain_loss_last=losses[-1])
     return model.eval(), info
 
 
@@ -149,16 +190,18 @@ def load_gguf_model(section: Any, dtype: torch.dtype) -> tuple[torch.nn.Module, 
     mod_name = section.package.replace("-", "_")
     spec = importlib.util.find_spec(mod_name)
     if spec is None or not spec.submodule_search_locations:
-        raise BuildError(f"package {section.package!r} is not installed (pip install "
-                         f"{section.package})", key="base_model.package")
+        raise BuildError(
+            f"package {section.package!r} is not installed (pip install {section.package})",
+            key="base_model.package",
+        )
     folder = Path(list(spec.submodule_search_locations)[0])
     files = sorted(folder.glob("*.gguf"))
     if section.file:
         files = [f for f in files if f.name == section.file]
     if not files:
-        raise BuildError(f"no .gguf file in package {section.package!r}", file=str(folder),
-                         key="base_model.file")
+        raise BuildError(
+            f"no .gguf file in package {section.package!r}", file=str(folder), key="base_model.file"
+        )
     tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=files[0].name)
-    model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=files[0].name,
-                                                 dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=files[0].name, dtype=dtype)
     return model.eval(), tok

@@ -9,6 +9,7 @@ all read the same fields, so a new task is one row -> Example function.
 from __future__ import annotations
 
 import logging
+import os
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -85,12 +86,16 @@ def arc_example(row: dict[str, Any], *, file: str = "") -> Example:
             raise DataSourceError(f"ARC row lacks field {key!r}", file=file, key=key)
     ch = row["choices"]
     if not isinstance(ch, dict) or "text" not in ch or "label" not in ch:
-        raise DataSourceError("choices must be {text: [...], label: [...]}", file=file,
-                              key=f"{row['id']}.choices")
+        raise DataSourceError(
+            "choices must be {text: [...], label: [...]}", file=file, key=f"{row['id']}.choices"
+        )
     labels = list(ch["label"])
     if row["answerKey"] not in labels:
-        raise DataSourceError(f"answerKey {row['answerKey']!r} not among labels {labels}",
-                              file=file, key=f"{row['id']}.answerKey")
+        raise DataSourceError(
+            f"answerKey {row['answerKey']!r} not among labels {labels}",
+            file=file,
+            key=f"{row['id']}.answerKey",
+        )
     return Example(
         id=str(row["id"]),
         group=arc_source(str(row["id"])),
@@ -100,23 +105,46 @@ def arc_example(row: dict[str, Any], *, file: str = "") -> Example:
     )
 
 
-def text_example(row: dict[str, Any], i: int, *, text_field: str, group_field: str | None,
-                 id_field: str | None, file: str = "") -> Example:
+def text_example(
+    row: dict[str, Any],
+    i: int,
+    *,
+    text_field: str,
+    group_field: str | None,
+    id_field: str | None,
+    file: str = "",
+) -> Example:
     if text_field not in row:
-        raise DataSourceError(f"row {i} lacks text field {text_field!r}", file=file,
-                              key=text_field)
+        raise DataSourceError(f"row {i} lacks text field {text_field!r}", file=file, key=text_field)
     group = str(row[group_field]) if group_field else "all"
     if group_field and group_field not in row:
-        raise DataSourceError(f"row {i} lacks group field {group_field!r}", file=file,
-                              key=group_field)
+        raise DataSourceError(
+            f"row {i} lacks group field {group_field!r}", file=file, key=group_field
+        )
     ex_id = str(row[id_field]) if id_field and id_field in row else f"row-{i}"
     return Example(id=ex_id, group=group, context="", choices=(str(row[text_field]),))
 
 
 # ---- built-in generator -------------------------------------------------------------------------
 _LETTERS = "abcdefghij"
-_ENTITIES = ["zorb", "quell", "mirt", "plon", "vask", "drel", "tump", "skiv", "brom", "yalt",
-             "fenn", "gosk", "hibb", "jorn", "kelt", "lusk"]
+_ENTITIES = [
+    "zorb",
+    "quell",
+    "mirt",
+    "plon",
+    "vask",
+    "drel",
+    "tump",
+    "skiv",
+    "brom",
+    "yalt",
+    "fenn",
+    "gosk",
+    "hibb",
+    "jorn",
+    "kelt",
+    "lusk",
+]
 _COLORS = [" red", " blue", " green", " gold", " gray", " pink"]
 
 
@@ -154,8 +182,7 @@ def generate_quickstart(n_examples: int, seed: int) -> list[Example]:
             cands = [f" {a + b + d}" for d in (1, -1, 10, -10) if a + b + d >= 0]
             make = lambda: f" {rng.randint(0, 98)}"  # noqa: E731
         else:
-            ops = {"copy": w, "reversal": w[::-1], "upper": w.upper(),
-                   "sort": "".join(sorted(w))}
+            ops = {"copy": w, "reversal": w[::-1], "upper": w.upper(), "sort": "".join(sorted(w))}
             if g == "facts":
                 e = rng.choice(_ENTITIES)
                 ctx, ans = f"color of {e} is", facts[e]
@@ -170,8 +197,11 @@ def generate_quickstart(n_examples: int, seed: int) -> list[Example]:
         order = list(range(4))
         rng.shuffle(order)
         shuffled = tuple(choices[j] for j in order)
-        out.append(Example(id=f"gen-{g}-{i:05d}", group=g, context=ctx, choices=shuffled,
-                           label=order.index(0)))
+        out.append(
+            Example(
+                id=f"gen-{g}-{i:05d}", group=g, context=ctx, choices=shuffled, label=order.index(0)
+            )
+        )
     return out
 
 
@@ -184,27 +214,35 @@ def load_rows(source: Any) -> tuple[list[dict[str, Any]], str]:
     import datasets
 
     if source.kind == "hub":
-        names: Sequence[str | None] = (source.name if isinstance(source.name, list)
-                                       else [source.name])
+        names: Sequence[str | None] = (
+            source.name if isinstance(source.name, list) else [source.name]
+        )
         rows: list[dict[str, Any]] = []
         for name in names:
-            ds = datasets.load_dataset(source.path, name, split=source.split,
-                                       revision=source.revision)
+            try:
+                ds = datasets.load_dataset(
+                    source.path, name, split=source.split, revision=source.revision
+                )
+            except Exception as e:  # offline, missing config/split, bad revision...
+                raise DataSourceError(
+                    f"cannot load Hub dataset (config {name!r}, split {source.split!r}, "
+                    f"revision {source.revision!r}): {type(e).__name__}: {e}",
+                    file=source.path,
+                    key="data.path",
+                ) from e
             rows.extend(ds)  # type: ignore[arg-type]
         return rows, f"{source.path}:{','.join(str(n) for n in names)}:{source.split}"
     if source.kind == "files":
         label = ",".join(source.paths)
         for p in source.paths:
-            import os
-
             if not os.path.exists(p):
                 raise DataSourceError("data file does not exist", file=p, key="data.paths")
         try:
-            ds = datasets.load_dataset(source.format, data_files=list(source.paths),
-                                       split="train")
+            ds = datasets.load_dataset(source.format, data_files=list(source.paths), split="train")
         except Exception as e:  # datasets raises many types for unreadable files
-            raise DataSourceError(f"cannot read as {source.format}: {e}", file=label,
-                                  key="data.format") from e
+            raise DataSourceError(
+                f"cannot read as {source.format}: {e}", file=label, key="data.format"
+            ) from e
         return list(ds), label
     raise DataSourceError(f"no rows for source kind {source.kind!r}", key="data.kind")
 
@@ -213,8 +251,9 @@ def load_examples(source: Any) -> list[Example]:
     """Examples of a data section (see causal_lm.DataSource)."""
     if source.kind == "generator":
         if source.name not in GENERATORS:
-            raise DataSourceError(f"unknown generator {source.name!r}; have {sorted(GENERATORS)}",
-                                  key="data.name")
+            raise DataSourceError(
+                f"unknown generator {source.name!r}; have {sorted(GENERATORS)}", key="data.name"
+            )
         return GENERATORS[source.name](source.n_examples, source.seed)
     rows, label = load_rows(source)
     if not rows:
@@ -222,11 +261,21 @@ def load_examples(source: Any) -> list[Example]:
     if source.task == "arc":
         exs = [arc_example(r, file=label) for r in rows]
     elif source.task == "text":
-        exs = [text_example(r, i, text_field=source.text_field, group_field=source.group_field,
-                            id_field=source.id_field, file=label) for i, r in enumerate(rows)]
+        exs = [
+            text_example(
+                r,
+                i,
+                text_field=source.text_field,
+                group_field=source.group_field,
+                id_field=source.id_field,
+                file=label,
+            )
+            for i, r in enumerate(rows)
+        ]
     else:
-        raise DataSourceError(f"task {source.task!r} needs kind: generator", file=label,
-                              key="data.task")
+        raise DataSourceError(
+            f"task {source.task!r} needs kind: generator", file=label, key="data.task"
+        )
     ids = [e.id for e in exs]
     if len(set(ids)) != len(ids):
         raise DataSourceError("example ids are not unique", file=label, key="data.id")

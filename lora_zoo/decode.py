@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -35,13 +37,6 @@ Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # name -> (U (.., n, r),
 
 # ---- batched safetensors decoding ------------------------------------------------------------
 _Spec = tuple[str, str, int, int, tuple[int, ...]]  # key, dtype, start, end, shape
-# bit masks of the exponent field: all ones means inf / nan (checked on the raw bits: fast)
-_EXP_BITS = {
-    "F16": (np.uint16, 0x7C00),
-    "BF16": (np.uint16, 0x7F80),
-    "F32": (np.uint32, 0x7F800000),
-    "F64": (np.uint64, 0x7FF0000000000000),
-}
 
 
 def _parse_header(head: bytes, cfg_text: str | None, where: str) -> tuple[tuple[_Spec, ...], str]:
@@ -177,6 +172,7 @@ def _decode_group(
             raise CorruptFileError("tensor is not a PEFT LoRA factor", file=where[0], key=spec[0])
         pairs.setdefault(m.group(1), {})[m.group(2)] = spec
     names = sorted(pairs, key=_natural_key)
+    raw = _group_tensor(mat)  # (g, L) uint8, shares mat's memory
     out: Factors = {}
     for name in names if select is None else select(names):
         ab = pairs[name]
@@ -184,8 +180,8 @@ def _decode_group(
             raise MissingPairError(f"lora_{'AB'['A' in ab]} missing", file=where[0], key=name)
         scale = peft_rank_alpha_scale(config, name)[2] if fold_scale else 1.0
         root, sign = abs(scale) ** 0.5, (-1.0 if scale < 0 else 1.0)
-        a = _read_tensor(mat, base, ab["A"], root, validate, where)  # (g, r, in[, kh, kw])
-        b = _read_tensor(mat, base, ab["B"], sign * root, validate, where)  # (g, out, r[, 1, 1])
+        a = _read_tensor(mat, raw, base, ab["A"], root, validate, where)  # (g, r, in[, kh, kw])
+        b = _read_tensor(mat, raw, base, ab["B"], sign * root, validate, where)  # (g, out, r[,1,1])
         r = a.shape[1]
         if a.dim() < 3 or b.dim() != a.dim() or b.shape[2] != r:
             raise ShapeMismatchError(
@@ -195,26 +191,65 @@ def _decode_group(
     return out
 
 
-def _read_tensor(
-    mat: np.ndarray, base: int, spec: _Spec, mult: float, validate: bool, where: list[str]
-) -> torch.Tensor:
-    """One tensor for every row of the group: (g, *shape), a fresh contiguous copy.
+def _group_tensor(mat: np.ndarray) -> torch.Tensor:
+    """The group's (g, L) bytes as a uint8 tensor without a copy. Arrow's buffer is read-only
+    and torch warns about that; the decoder only ever reads from it (outputs are fresh)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(mat)
 
-    Copy-then-scale-in-place measured faster than a fused strided ``torch.mul`` (bf16, 1 thread).
+
+def _read_tensor(
+    mat: np.ndarray,
+    raw: torch.Tensor,
+    base: int,
+    spec: _Spec,
+    mult: float,
+    validate: bool,
+    where: list[str],
+) -> torch.Tensor:
+    """One tensor for every row of the group: (g, *shape), a fresh contiguous tensor.
+
+    One pass over the bytes: ``torch.mul(strided view of the buffer, mult, out=fresh)`` (or
+    ``copy_`` when there is no scale), the same kernel and scalar rounding as
+    ``LoraModule.factors``. The earlier numpy ``copy`` + in-place ``mul_`` + exponent-bit scan
+    touched the bytes three times and measured 2-3x slower. Validation is one ``aminmax`` on the
+    result (NaN propagates, inf shows as an extreme); the row is located only on failure.
     """
     key, dt, s, e, shape = spec
     np_dt, t_dt = _ST_DTYPES[dt]
-    block = mat[:, base + s : base + e].copy()  # (g, nbytes): fresh, aligned, writable
-    if validate:
-        bits_t, mask = _EXP_BITS[dt]
-        bad = (block.view(bits_t) & bits_t(mask)).max(axis=1) == mask  # (g,) all-ones exponent
-        if bad.any():
-            raise NonFiniteError("factor holds inf/nan", file=where[int(np.argmax(bad))], key=key)
-    t = torch.from_numpy(block.view(np_dt))  # (g, numel)
-    t = t.view(t_dt) if t_dt == torch.bfloat16 else t
+    size, g = np.dtype(np_dt).itemsize, mat.shape[0]
+    if (mat.ctypes.data + base + s) % size == 0 and mat.strides[0] % size == 0:
+        src = raw[:, base + s : base + e].view(t_dt)  # (g, numel) strided, no copy
+    else:  # unaligned (never for safetensors' 8-byte-padded headers): align with one copy
+        src = torch.from_numpy(np.ascontiguousarray(mat[:, base + s : base + e]).view(np_dt))
+        src = src.view(t_dt) if t_dt == torch.bfloat16 else src
+    out = torch.empty(src.shape, dtype=t_dt)  # (g, numel)
     if mult != 1.0:
-        t.mul_(mult)
-    return t.reshape(mat.shape[0], *shape)
+        torch.mul(src, mult, out=out)
+    else:
+        out.copy_(src)
+    if validate and out.numel():
+        lo, hi = torch.aminmax(out)
+        if not (math.isfinite(lo.item()) and math.isfinite(hi.item())):
+            _raise_nonfinite(src, out, key, where)
+    return out.reshape(g, *shape)
+
+
+def _raise_nonfinite(src: torch.Tensor, out: torch.Tensor, key: str, where: list[str]) -> None:
+    """Name the first bad row: stored inf/nan, or a finite value the folded scale overflowed."""
+    stored = ~torch.isfinite(src).all(dim=1)  # (g,)
+    if stored.any():
+        raise NonFiniteError(
+            "factor holds inf/nan", file=where[int(stored.int().argmax())], key=key
+        )
+    row = int((~torch.isfinite(out).all(dim=1)).int().argmax())
+    raise NonFiniteError(
+        f"factor overflows {out.dtype} once sqrt(scale) is folded in "
+        "(pass dtype=torch.float32 or fold_scale=False)",
+        file=where[row],
+        key=key,
+    )
 
 
 def _natural_key(name: str) -> list[Any]:

@@ -46,8 +46,13 @@ def resolve_groups(recipe: Recipe) -> list[str] | None:
     if sub.groups == "from_data":
         groups = [str(g) for g in recipe.builder_cls.list_groups(recipe.config)]
         if not groups and sub.mode != "all":
-            raise RecipeError([f"{recipe.file}: subset.groups - from_data, but the builder's "
-                               "data source has no groups"], file=recipe.file)
+            raise RecipeError(
+                [
+                    f"{recipe.file}: subset.groups - from_data, but the builder's "
+                    "data source has no groups"
+                ],
+                file=recipe.file,
+            )
         return groups
     return list(sub.groups)
 
@@ -63,13 +68,13 @@ def _permutation(n: int, g: Any) -> list[int]:
 
 def _as_int(value: Any, where: str, recipe: Recipe, lo: int, hi: int | None) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
-        raise RecipeError([f"{recipe.file}: {where} - must be an integer, got {value!r}"],
-                          file=recipe.file)
+        raise RecipeError(
+            [f"{recipe.file}: {where} - must be an integer, got {value!r}"], file=recipe.file
+        )
     v = int(value)
     if v < lo or (hi is not None and v > hi):
         rng_txt = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
-        raise RecipeError([f"{recipe.file}: {where} - {v} is outside {rng_txt}"],
-                          file=recipe.file)
+        raise RecipeError([f"{recipe.file}: {where} - {v} is outside {rng_txt}"], file=recipe.file)
     return v
 
 
@@ -103,41 +108,62 @@ def lora_id(recipe: Recipe, index: int) -> str:
     return recipe.model.lora_id_format.format(name=recipe.name, index=index)
 
 
-def plan(recipe: Recipe, *, limit: int | None = None, only_ids: Iterable[str] | None = None,
-         shard: tuple[int, int] | None = None) -> list[JobSpec]:
+def plan(
+    recipe: Recipe,
+    *,
+    limit: int | None = None,
+    only_ids: Iterable[str] | None = None,
+    shard: tuple[int, int] | None = None,
+) -> list[JobSpec]:
     """All jobs of ``recipe`` (index order), optionally filtered by ``only_ids`` (unknown ids
     are an error), ``shard=(i, n)`` (index % n == i) and ``limit`` (first N after filtering)."""
     n = recipe.model.num_loras
     ids = [lora_id(recipe, i) for i in range(n)]
     if len(set(ids)) != n:
         dup = next(x for x in ids if ids.count(x) > 1)
-        raise RecipeError([f"{recipe.file}: lora_id_format - gives {dup!r} twice"],
-                          file=recipe.file)
+        raise RecipeError(
+            [f"{recipe.file}: lora_id_format - gives {dup!r} twice"], file=recipe.file
+        )
     indices = list(range(n))
     if only_ids is not None:
         want = list(only_ids)
         pos = {x: i for i, x in enumerate(ids)}
         missing = [x for x in want if x not in pos]
         if missing:
-            raise RecipeError([f"{recipe.file}: only_ids - {missing[0]!r} is not a lora_id of "
-                               f"this recipe ({len(missing)} unknown)"], file=recipe.file)
+            raise RecipeError(
+                [
+                    f"{recipe.file}: only_ids - {missing[0]!r} is not a lora_id of "
+                    f"this recipe ({len(missing)} unknown)"
+                ],
+                file=recipe.file,
+            )
         keep = {pos[x] for x in want}
         indices = [i for i in indices if i in keep]
     if shard is not None:
         si, sn = shard
         if not (sn >= 1 and 0 <= si < sn):
-            raise RecipeError([f"{recipe.file}: shard - need 0 <= I < N, got {si}/{sn}"],
-                              file=recipe.file)
+            raise RecipeError(
+                [f"{recipe.file}: shard - need 0 <= I < N, got {si}/{sn}"], file=recipe.file
+            )
         indices = [i for i in indices if i % sn == si]
     if limit is not None:
         indices = indices[: max(0, limit)]
     groups = resolve_groups(recipe) if indices else None
     jobs = []
     for i in indices:
-        hp = {name: sample(d, rng(recipe.seed, i, f"hparams/{name}"), i)
-              for name, d in recipe.vary.items()}
-        jobs.append(JobSpec(index=i, lora_id=ids[i], seeds=job_seeds(recipe.seed, i),
-                            hparams=hp, data=_data(recipe, i, groups)))
+        hp = {
+            name: sample(d, rng(recipe.seed, i, f"hparams/{name}"), i)
+            for name, d in recipe.vary.items()
+        }
+        jobs.append(
+            JobSpec(
+                index=i,
+                lora_id=ids[i],
+                seeds=job_seeds(recipe.seed, i),
+                hparams=hp,
+                data=_data(recipe, i, groups),
+            )
+        )
     return jobs
 
 
@@ -170,5 +196,8 @@ def format_table(jobs: Sequence[JobSpec]) -> str:
         rows.append((str(j.index), j.lora_id, hp, grp))
     widths = [max(len(r[c]) for r in rows) for c in range(3)]
     return "\n".join(
-        "  ".join([r[0].rjust(widths[0]), r[1].ljust(widths[1]), r[2].ljust(widths[2]), r[3]])
-        .rstrip() for r in rows)
+        "  ".join(
+            [r[0].rjust(widths[0]), r[1].ljust(widths[1]), r[2].ljust(widths[2]), r[3]]
+        ).rstrip()
+        for r in rows
+    )

@@ -20,8 +20,19 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-LIBRARIES = ("torch", "transformers", "peft", "diffusers", "datasets", "pyarrow",
-             "safetensors", "huggingface_hub", "numpy", "pydantic", "lora-zoo")
+LIBRARIES = (
+    "torch",
+    "transformers",
+    "peft",
+    "diffusers",
+    "datasets",
+    "pyarrow",
+    "safetensors",
+    "huggingface_hub",
+    "numpy",
+    "pydantic",
+    "lora-zoo",
+)
 
 
 def library_versions(names: Sequence[str] = LIBRARIES) -> dict[str, str | None]:
@@ -62,11 +73,20 @@ def git_commit(path: str | os.PathLike[str] | None = None) -> dict[str, Any] | N
     """Commit (and whether the tree is dirty) of the lora-zoo source, if it is a git checkout."""
     where = Path(path) if path is not None else Path(__file__).resolve().parent
     try:
-        commit = subprocess.run(["git", "-C", str(where), "rev-parse", "HEAD"],
-                                capture_output=True, text=True, timeout=10, check=True)
-        status = subprocess.run(["git", "-C", str(where), "status", "--porcelain",
-                                 "--untracked-files=no"], capture_output=True, text=True,
-                                timeout=10, check=True)
+        commit = subprocess.run(
+            ["git", "-C", str(where), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+        status = subprocess.run(
+            ["git", "-C", str(where), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
@@ -107,8 +127,16 @@ def timing_summary(wall_times: Mapping[str, float], device: str) -> dict[str, An
     }
 
 
-def collect(builder: Mapping[str, Any], wall_times: Mapping[str, float], device: str,
-            extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def collect(
+    builder: Mapping[str, Any],
+    wall_times: Mapping[str, float],
+    device: str,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """The ``provenance`` entry of a zoo's info."""
-    return {"environment": environment(), "builder": dict(builder),
-            "timing": timing_summary(wall_times, device), **(extra or {})}
+    return {
+        "environment": environment(),
+        "builder": dict(builder),
+        "timing": timing_summary(wall_times, device),
+        **(extra or {}),
+    }

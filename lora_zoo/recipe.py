@@ -19,9 +19,12 @@ the resolved dict (self-contained, no includes) is what ``rebuild`` re-runs.
 from __future__ import annotations
 
 import copy
+import difflib
 import hashlib
 import json
 import logging
+import re
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -37,8 +40,17 @@ from lora_zoo.space import KINDS, _Dist, parse_dist
 
 log = logging.getLogger(__name__)
 
-TOP_KEYS = ("name", "builder", "seed", "num_loras", "lora_id_format", "subset", "vary",
-            "output", *BUILDER_SECTIONS)
+TOP_KEYS = (
+    "name",
+    "builder",
+    "seed",
+    "num_loras",
+    "lora_id_format",
+    "subset",
+    "vary",
+    "output",
+    *BUILDER_SECTIONS,
+)
 DEFAULT_ID_FORMAT = "{name}-{index:05d}"
 
 
@@ -168,16 +180,50 @@ def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, An
     return out
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """SafeLoader that also reads ``3e-4`` / ``1e5`` as floats (YAML 1.2 does; PyYAML's 1.1
+    resolver wants a dot, ``3.0e-4``, and silently yields the *string* ``"3e-4"``, which a
+    ``vary: {lr: 3e-4}`` constant would hand to the builder as text)."""
+
+
+_RecipeLoader.yaml_implicit_resolvers = {
+    k: [r for r in v if r[0] != "tag:yaml.org,2002:float"]
+    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                  |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                  |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                  |[-+]?\.(?:inf|Inf|INF)
+                  |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(text: str) -> Any:
+    """Parse recipe YAML safely (no object tags; see ``_RecipeLoader`` for floats)."""
+    loader = _RecipeLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def _safe_load(text: str, file: str) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(text)
+        data = yaml_load(text)
     except yaml.YAMLError as e:
         raise RecipeError([f"{file}: (yaml) - {e}"], file=file) from e
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise RecipeError([f"{file}: (top) - a recipe is a YAML mapping, got "
-                           f"{type(data).__name__}"], file=file)
+        raise RecipeError(
+            [f"{file}: (top) - a recipe is a YAML mapping, got {type(data).__name__}"], file=file
+        )
     return data
 
 
@@ -196,8 +242,9 @@ def _find_include(name: str, base_dir: Path | None, file: str) -> tuple[str, str
     raise RecipeError([f"{file}: include - file {name!r} not found"], file=file)
 
 
-def _resolve_includes(data: dict[str, Any], file: str, base_dir: Path | None,
-                      stack: tuple[str, ...]) -> dict[str, Any]:
+def _resolve_includes(
+    data: dict[str, Any], file: str, base_dir: Path | None, stack: tuple[str, ...]
+) -> dict[str, Any]:
     inc = data.pop("include", None)
     if inc is None:
         return data
@@ -224,7 +271,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not sep or not key or any(not p for p in key.split(".")):
         raise RecipeError([f"<--set>: {item} - expected key.path=value"])
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key.split("."), value
@@ -239,8 +286,10 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
         for i, p in enumerate(path[:-1]):
             nxt = cur.setdefault(p, {})
             if not isinstance(nxt, dict):
-                problems.append(f"<--set>: {'.'.join(path[: i + 1])} - is not a mapping, "
-                                f"cannot set {'.'.join(path)}")
+                problems.append(
+                    f"<--set>: {'.'.join(path[: i + 1])} - is not a mapping, "
+                    f"cannot set {'.'.join(path)}"
+                )
                 break
             cur = nxt
         else:
@@ -279,6 +328,16 @@ def _problems(e: ValidationError, data: Any, prefix: str, file: str) -> list[str
         msg = err["msg"].removeprefix("Value error, ")
         out.append(f"{file}: {full} - {msg}")
     return out
+
+
+def known_hparams(builder_cls: type) -> frozenset[str] | None:
+    """The ``vary:`` keys a builder accepts: its ``HPARAMS`` class attribute, else its module's
+    ``HPARAM_KEYS``; None when it declares neither (then any key passes to the builder).
+    Why check here: a typo (``lrr``) would otherwise surface only when training starts."""
+    names = getattr(builder_cls, "HPARAMS", None)
+    if names is None:
+        names = getattr(sys.modules.get(builder_cls.__module__), "HPARAM_KEYS", None)
+    return frozenset(str(n) for n in names) if names is not None else None
 
 
 def _dist(value: Any, where: str, file: str, problems: list[str]) -> _Dist | None:
@@ -329,8 +388,10 @@ def validate(data: Mapping[str, Any], *, file: str = "<recipe>", text: str | Non
             if a == b:
                 problems.append(f"{file}: lora_id_format - must contain {{index}} (ids collide)")
         except (KeyError, IndexError, ValueError) as e:
-            problems.append(f"{file}: lora_id_format - bad format string ({e!r}); "
-                            "fields are {name} and {index}")
+            problems.append(
+                f"{file}: lora_id_format - bad format string ({e!r}); "
+                "fields are {name} and {index}"
+            )
     builder_cls = config = None
     bname = data.get("builder")
     if isinstance(bname, str):
@@ -339,6 +400,16 @@ def validate(data: Mapping[str, Any], *, file: str = "<recipe>", text: str | Non
         except (BuilderNotFoundError, BuildError) as e:
             problems.append(f"{file}: builder - {e.message}")
     if builder_cls is not None:
+        known = known_hparams(builder_cls)
+        if known is not None:
+            for k in vary:
+                if k not in known:
+                    close = difflib.get_close_matches(k, sorted(known), n=1)
+                    hint = f"; did you mean {close[0]!r}?" if close else ""
+                    problems.append(
+                        f"{file}: vary.{k} - builder {bname!r} has no per-LoRA "
+                        f"hyperparameter {k!r}{hint} (known: {', '.join(sorted(known))})"
+                    )
         section_data = {s: data[s] for s in BUILDER_SECTIONS if data.get(s) is not None}
         try:
             config = builder_cls.Config.model_validate(section_data)
@@ -348,13 +419,26 @@ def validate(data: Mapping[str, Any], *, file: str = "<recipe>", text: str | Non
         raise RecipeError(problems, file=file)
     assert model is not None and config is not None and builder_cls is not None
     resolved = json.loads(json.dumps(data, default=str))  # plain JSON-able copy
-    return Recipe(model=model, config=config, builder_cls=builder_cls, resolved=resolved,
-                  text=text if text is not None else yaml.safe_dump(resolved, sort_keys=False),
-                  file=file, vary=vary, subset_count=count, subset_size=size)
+    return Recipe(
+        model=model,
+        config=config,
+        builder_cls=builder_cls,
+        resolved=resolved,
+        text=text if text is not None else yaml.safe_dump(resolved, sort_keys=False),
+        file=file,
+        vary=vary,
+        subset_count=count,
+        subset_size=size,
+    )
 
 
-def load_recipe_text(text: str, *, file: str = "<recipe>", base_dir: str | Path | None = None,
-                     overrides: Sequence[str] = ()) -> Recipe:
+def load_recipe_text(
+    text: str,
+    *,
+    file: str = "<recipe>",
+    base_dir: str | Path | None = None,
+    overrides: Sequence[str] = (),
+) -> Recipe:
     """Parse + include + override + validate recipe text (``file`` names it in errors)."""
     data = _safe_load(text, file)
     data = _resolve_includes(data, file, Path(base_dir) if base_dir is not None else None, ())
@@ -371,10 +455,14 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
             try:
                 res = resources.files("lora_zoo.recipes").joinpath(name)
                 if res.is_file():
-                    return load_recipe_text(res.read_text(encoding="utf-8"),
-                                            file=f"lora_zoo.recipes/{name}", overrides=overrides)
+                    return load_recipe_text(
+                        res.read_text(encoding="utf-8"),
+                        file=f"lora_zoo.recipes/{name}",
+                        overrides=overrides,
+                    )
             except ModuleNotFoundError:  # pragma: no cover
                 pass
         raise RecipeError([f"{path}: (file) - recipe file not found"], file=str(path))
-    return load_recipe_text(p.read_text(encoding="utf-8"), file=str(p), base_dir=p.parent,
-                            overrides=overrides)
+    return load_recipe_text(
+        p.read_text(encoding="utf-8"), file=str(p), base_dir=p.parent, overrides=overrides
+    )

@@ -5,6 +5,11 @@ register its own (``[project.entry-points."lora_zoo.builders"] my_zoo = "pkg.mod
 so there is one path, and importing lora-zoo never imports torch-heavy builder code until a
 recipe names it. ``register_builder`` adds classes at run time (tests, notebooks).
 
+A third door, the environment variable ``LORA_ZOO_BUILDERS``, names builder classes without
+installing a package: entries ``[name=]module:Class`` separated by commas. Why: a subprocess
+(``python -m lora_zoo build``, a Slurm array task, a Ray worker) cannot see an in-process
+``register_builder``; the env var travels with it. The name defaults to the class's ``NAME``.
+
 For provenance (``builder_info``) we record the distribution that provides a builder, its
 version, the builder's own ``VERSION`` and a SHA-256 over the source of the builder module and
 the modules of its own package that it imports (transitively): a rebuild can then tell
@@ -15,11 +20,13 @@ from __future__ import annotations
 
 import ast
 import difflib
+import functools
 import hashlib
 import importlib.metadata as md
 import importlib.util
 import inspect
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -29,6 +36,7 @@ from lora_zoo.errors import BuilderNotFoundError, BuildError
 log = logging.getLogger(__name__)
 
 GROUP = "lora_zoo.builders"
+ENV_VAR = "LORA_ZOO_BUILDERS"
 
 _registered: dict[str, type] = {}
 _loaded: dict[str, type] = {}
@@ -40,9 +48,48 @@ def _entry_points() -> dict[str, md.EntryPoint]:
     return {ep.name: ep for ep in eps}
 
 
+def _env_specs() -> dict[str | None, str]:
+    """``LORA_ZOO_BUILDERS`` parsed: name (None = take the class's NAME) -> ``module:Class``."""
+    out: dict[str | None, str] = {}
+    for raw in os.environ.get(ENV_VAR, "").split(","):
+        item = raw.strip()
+        if not item:
+            continue
+        name, sep, target = item.rpartition("=")
+        mod, colon, attr = target.partition(":")
+        if not colon or not mod or not attr or (sep and not name.strip()):
+            raise BuildError(f"bad entry {item!r}: expected [name=]module:Class", key=ENV_VAR)
+        out[name.strip() if sep else None] = target.strip()
+    return out
+
+
+def _load_target(target: str, where: str) -> type:
+    mod, _, attr = target.partition(":")
+    try:
+        obj: Any = importlib.import_module(mod.strip())
+        for part in attr.strip().split("."):
+            obj = getattr(obj, part)
+    except Exception as e:  # say which plugin is broken, not just "ImportError"
+        raise BuildError(f"builder {target!r} failed to load: {e}", key=where) from e
+    return obj  # type: ignore[no-any-return]
+
+
+def _env_builders() -> dict[str, str]:
+    """Env-var builders by name; unnamed entries are imported to learn their ``NAME``."""
+    out: dict[str, str] = {}
+    for name, target in _env_specs().items():
+        if name is None:
+            cls = _load_target(target, ENV_VAR)
+            name = getattr(cls, "NAME", None)
+            if not name:
+                raise BuildError(f"builder {target!r} has no NAME; use name={target}", key=ENV_VAR)
+        out[str(name)] = target
+    return out
+
+
 def available_builders() -> list[str]:
-    """Every builder name: entry points plus programmatically registered ones (sorted)."""
-    return sorted(set(_entry_points()) | set(_registered))
+    """Every builder name: entry points, ``LORA_ZOO_BUILDERS`` and registered ones (sorted)."""
+    return sorted(set(_entry_points()) | set(_env_builders()) | set(_registered))
 
 
 def _check_class(cls: Any, name: str) -> None:
@@ -77,6 +124,14 @@ def get_builder(name: str) -> type:
     """The builder class for ``name``; BuilderNotFoundError lists close matches otherwise."""
     if name in _registered:
         return _registered[name]
+    env = _env_builders()
+    if name in env:  # the env var wins over an installed entry point: it is the explicit ask
+        key = f"{ENV_VAR}:{env[name]}"
+        if key not in _loaded:
+            cls = _load_target(env[name], name)
+            _check_class(cls, name)
+            _loaded[key] = cls
+        return _loaded[key]
     if name in _loaded:
         return _loaded[name]
     eps = _entry_points()
@@ -86,7 +141,8 @@ def get_builder(name: str) -> type:
         hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         raise BuilderNotFoundError(
             f"no builder named {name!r}{hint} (available: {', '.join(known) or 'none'}; "
-            f"builders register under the entry-point group {GROUP!r})",
+            f"builders register under the entry-point group {GROUP!r} or the "
+            f"{ENV_VAR} environment variable)",
             key="builder",
         )
     ep = eps[name]
@@ -161,9 +217,16 @@ def source_hash(cls: type) -> str:
     return h.hexdigest()
 
 
+@functools.lru_cache(maxsize=1)
+def _packages_distributions() -> dict[str, list[str]]:
+    """``importlib.metadata.packages_distributions`` scans every installed dist (~1 s on a
+    big venv); it is asked once per build, so cache it for the process."""
+    return dict(md.packages_distributions())
+
+
 def _dist_of(cls: type) -> tuple[str | None, str | None]:
     top = cls.__module__.split(".")[0]
-    names = md.packages_distributions().get(top) or []
+    names = _packages_distributions().get(top) or []
     if not names:
         return None, None
     try:

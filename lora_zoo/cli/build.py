@@ -14,8 +14,14 @@ from typing import Any
 
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="recipe YAML (or the name of a shipped recipe)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe field, value parsed as YAML (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe field, value parsed as YAML (repeatable)",
+    )
 
 
 def register(sub: Any) -> None:
@@ -29,7 +35,12 @@ def register(sub: Any) -> None:
     _add_recipe_args(p)
     p.add_argument("--out", required=True, help="zoo folder (work state in OUT/.build*)")
     p.add_argument("--k", type=int, default=None, help="LoRAs per batched pass (train.k)")
-    p.add_argument("--shard", default=None, metavar="I/N", help="build jobs with index %% N == I")
+    p.add_argument(
+        "--shard",
+        default=None,
+        metavar="I/N",
+        help="build every N-th chunk of k jobs, starting at chunk I (merge with pack)",
+    )
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--max-attempts", type=int, default=2, help="tries per chunk on exceptions")
     p.add_argument("--retry-failed", action="store_true", help="retry jobs that failed before")
@@ -62,8 +73,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
         for j in jobs:
             print(json.dumps(j.to_dict(), sort_keys=True))
     else:
-        print(f"# {recipe.name}: builder {recipe.builder}, {recipe.model.num_loras} LoRAs, "
-              f"k={recipe.k}")
+        print(
+            f"# {recipe.name}: builder {recipe.builder}, {recipe.model.num_loras} LoRAs, "
+            f"k={recipe.k}"
+        )
         print(format_table(jobs))
     return 0
 
@@ -71,11 +84,20 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_build(args: argparse.Namespace) -> int:
     from lora_zoo.runner import build, parse_shard
 
-    res = build(args.recipe, args.out, overrides=args.overrides, k=args.k,
-                shard=parse_shard(args.shard) if args.shard else None, device=args.device,
-                max_attempts=args.max_attempts, retry_failed=args.retry_failed,
-                backend=args.backend, pack_zoo=not args.no_pack, limit=args.limit,
-                progress=not args.no_progress)
+    res = build(
+        args.recipe,
+        args.out,
+        overrides=args.overrides,
+        k=args.k,
+        shard=parse_shard(args.shard) if args.shard else None,
+        device=args.device,
+        max_attempts=args.max_attempts,
+        retry_failed=args.retry_failed,
+        backend=args.backend,
+        pack_zoo=not args.no_pack,
+        limit=args.limit,
+        progress=not args.no_progress,
+    )
     c = res.counts
     print(f"{c['done']} done, {c['failed']} failed, {c['pending']} pending ({res.work_dir})")
     for f in res.failed:
@@ -91,8 +113,10 @@ def cmd_pack(args: argparse.Namespace) -> int:
 
     m = pack(args.dirs, args.out, allow_partial=args.allow_partial, overwrite=args.overwrite)
     rows = {s: sum(sh["num_rows"] for sh in sp["shards"]) for s, sp in m["splits"].items()}
-    print(f"packed {sum(rows.values())} LoRAs into {args.out}: "
-          + ", ".join(f"{s}={n}" for s, n in rows.items()))
+    print(
+        f"packed {sum(rows.values())} LoRAs into {args.out}: "
+        + ", ".join(f"{s}={n}" for s, n in rows.items())
+    )
     return 0
 
 

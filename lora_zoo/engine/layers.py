@@ -70,15 +70,19 @@ class MultiLoraLinear(nn.Module):
 
     def _dropout(self, xk: torch.Tensor) -> torch.Tensor:
         """Inverted dropout per LoRA, each from its own generator (own RNG stream), so one
-        LoRA's masks do not depend on which other LoRAs share its chunk."""
+        LoRA's masks depend on its own seed and on the chunk's padded batch shape (b_max, T_max)
+        only, never on the other LoRAs' draws. The runner keeps chunks fixed, so a rebuild
+        draws the same masks; a separate run with the same shapes draws them too (tested
+        against PEFT in tests/builders/test_engine_vs_peft.py)."""
         if not self.training or not any(p > 0 for p in self.dropout_p):
             return xk
         out = []
         for k, p in enumerate(self.dropout_p):
             x = xk[k]  # (N, in)
             if p > 0:
-                u = torch.rand(x.shape, generator=self.generators[k], device=x.device,
-                               dtype=torch.float32)
+                u = torch.rand(
+                    x.shape, generator=self.generators[k], device=x.device, dtype=torch.float32
+                )
                 x = x * (u >= p).to(x.dtype) / (1.0 - p)
             out.append(x)
         return torch.stack(out)
@@ -103,5 +107,7 @@ class MultiLoraLinear(nn.Module):
         return y + d.reshape(*lead, self.out_features).to(y.dtype)
 
     def extra_repr(self) -> str:
-        return (f"in={self.in_features}, out={self.out_features}, K={self.num_loras}, "
-                f"fan_in_fan_out={self.fan_in_fan_out}")
+        return (
+            f"in={self.in_features}, out={self.out_features}, K={self.num_loras}, "
+            f"fan_in_fan_out={self.fan_in_fan_out}"
+        )

@@ -82,8 +82,9 @@ class MultiLoraModel:
         dtype: torch.dtype = torch.float32,
     ) -> None:
         self.model = model
-        self.target_modules = target_modules if isinstance(target_modules, str) else list(
-            target_modules)
+        self.target_modules = (
+            target_modules if isinstance(target_modules, str) else list(target_modules)
+        )
         self.dtype = dtype
         for p in model.parameters():
             p.requires_grad_(False)
@@ -209,8 +210,11 @@ class MultiLoraModel:
         """K LoraRecords with PEFT names and a PEFT config (loadable by PeftModel)."""
         ids = list(lora_ids) if lora_ids is not None else [None] * self.num_loras
         fifo = any(w.fan_in_fan_out for w in self.wrappers.values())
-        target = (self.target_modules if isinstance(self.target_modules, str)
-                  else sorted(set(self.target_modules)))
+        target = (
+            self.target_modules
+            if isinstance(self.target_modules, str)
+            else sorted(set(self.target_modules))
+        )
         out = []
         for k, spec in enumerate(self.specs):
             modules: dict[str, LoraModule] = {}

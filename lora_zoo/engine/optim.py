@@ -133,8 +133,10 @@ class StackedAdamW:
                 continue
             shape = (-1,) + (1,) * (p.dim() - 1)
 
-            def b(x: torch.Tensor, _s: tuple[int, ...] = shape) -> torch.Tensor:
-                return x.to(p.dtype).view(_s)
+            def b(
+                x: torch.Tensor, _s: tuple[int, ...] = shape, _dt: torch.dtype = p.dtype
+            ) -> torch.Tensor:
+                return x.to(_dt).view(_s)
 
             g = p.grad
             sel = update.view(shape)

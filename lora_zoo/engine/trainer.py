@@ -47,7 +47,9 @@ class MultiLoraTrainer:
         self.failed = torch.zeros(k, dtype=torch.bool, device=dev)  # (K,)
         self.failed_step: list[int | None] = [None] * k
         self.failure_reason: list[str | None] = [None] * k
-        self.last_loss = torch.full((k,), float("nan"), dtype=torch.float64)  # (K,) last finite loss per LoRA
+        self.last_loss = torch.full(
+            (k,), float("nan"), dtype=torch.float64
+        )  # (K,) last finite loss per LoRA
         self.loss_history: list[torch.Tensor] = []  # per step: (K,) loss, NaN where inactive
 
     @property

@@ -31,7 +31,9 @@ def batches_for(seed: int, steps: int, b: int = 2, t: int = 8):
     out = []
     for _ in range(steps):
         ids = torch.randint(1, 128, (b, t), generator=g)
-        out.append({"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)})
+        out.append(
+            {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+        )
     return out
 
 
@@ -43,8 +45,9 @@ def train(model, specs, hps, data, inject_nan_at=None, targets=("q_proj", "v_pro
         batch = stack_rows([d[step] if step < len(d) else None for d in data], PAD)
 
         def closure(batch=batch, step=step):
-            logits = model(input_ids=batch["input_ids"],
-                           attention_mask=batch["attention_mask"]).logits
+            logits = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).logits
             losses = causal_lm_losses(logits, batch["labels"], len(specs))
             if inject_nan_at is not None and step == inject_nan_at[1]:
                 bump = torch.zeros_like(losses)
@@ -58,8 +61,10 @@ def train(model, specs, hps, data, inject_nan_at=None, targets=("q_proj", "v_pro
 
 
 def factors(mm, k):
-    return {n: (w.lora_A[k].detach().clone(), w.lora_B[k].detach().clone())
-            for n, w in mm.wrappers.items()}
+    return {
+        n: (w.lora_A[k].detach().clone(), w.lora_B[k].detach().clone())
+        for n, w in mm.wrappers.items()
+    }
 
 
 def test_nan_loss_freezes_only_that_lora():
@@ -72,8 +77,7 @@ def test_nan_loss_freezes_only_that_lora():
     assert tr.steps_done.tolist() == [6, 3, 6]
     assert torch.isnan(tr.loss_history[4][1]) and torch.isfinite(tr.loss_history[4][0])
     # the others trained exactly as in a run without the failing LoRA
-    mm2, _ = train(copy.deepcopy(base), [specs[0], specs[2]], [hps[0], hps[2]],
-                   [data[0], data[2]])
+    mm2, _ = train(copy.deepcopy(base), [specs[0], specs[2]], [hps[0], hps[2]], [data[0], data[2]])
     for k_full, k_alone in ((0, 0), (2, 1)):
         f_full, f_alone = factors(mm, k_full), factors(mm2, k_alone)
         for n in f_full:
@@ -87,8 +91,10 @@ def test_nan_loss_freezes_only_that_lora():
 def test_finished_lora_state_does_not_change():
     base = tiny_llama()
     specs = [LoraSpec(r=2, init_seed=1), LoraSpec(r=2, init_seed=2)]
-    hps = [TrainHParams(lr=1e-2, weight_decay=0.5, total_steps=2),
-           TrainHParams(lr=1e-2, weight_decay=0.5, total_steps=5)]
+    hps = [
+        TrainHParams(lr=1e-2, weight_decay=0.5, total_steps=2),
+        TrainHParams(lr=1e-2, weight_decay=0.5, total_steps=5),
+    ]
     model = copy.deepcopy(base)
     mm = MultiLoraModel(model, ["q_proj", "v_proj"], specs)
     tr = MultiLoraTrainer(mm, hps)
@@ -96,8 +102,11 @@ def test_finished_lora_state_does_not_change():
     snap = None
     for step in range(5):
         batch = stack_rows([d[step] if step < len(d) else None for d in data], PAD)
-        tr.step(lambda batch=batch: causal_lm_losses(
-            model(input_ids=batch["input_ids"]).logits, batch["labels"], 2))
+        tr.step(
+            lambda batch=batch: causal_lm_losses(
+                model(input_ids=batch["input_ids"]).logits, batch["labels"], 2
+            )
+        )
         if step == 1:
             snap = (factors(mm, 0), [m[0].clone() for m in tr.opt.exp_avg])
     assert tr.done and tr.steps_done.tolist() == [2, 5]
@@ -111,8 +120,10 @@ def test_dropout_is_deterministic_and_per_lora():
     base = tiny_llama()
     hps = [TrainHParams(lr=5e-3, total_steps=4)] * 2
     data = [batches_for(3, 4), batches_for(4, 4)]
-    specs = [LoraSpec(r=4, init_seed=1, dropout=0.3, dropout_seed=7),
-             LoraSpec(r=4, init_seed=2, dropout=0.0)]
+    specs = [
+        LoraSpec(r=4, init_seed=1, dropout=0.3, dropout_seed=7),
+        LoraSpec(r=4, init_seed=2, dropout=0.0),
+    ]
     mm1, _ = train(copy.deepcopy(base), specs, hps, data)
     mm2, _ = train(copy.deepcopy(base), specs, hps, data)
     specs3 = [LoraSpec(r=4, init_seed=1, dropout=0.3, dropout_seed=8), specs[1]]
@@ -161,8 +172,11 @@ def test_no_matching_target_is_a_named_error():
         MultiLoraModel(tiny_llama(), ["nope_proj"], [LoraSpec()])
 
 
-@pytest.mark.parametrize("make_base,targets", [(tiny_llama, ["q_proj", "v_proj"]),
-                                               (tiny_gpt2, ["c_attn"])], ids=["llama", "gpt2"])
+@pytest.mark.parametrize(
+    "make_base,targets",
+    [(tiny_llama, ["q_proj", "v_proj"]), (tiny_gpt2, ["c_attn"])],
+    ids=["llama", "gpt2"],
+)
 def test_extracted_records_load_in_peft_and_reproduce_outputs(tmp_path, make_base, targets):
     base = make_base()
     model = copy.deepcopy(base)
@@ -185,8 +199,11 @@ def test_extracted_records_load_in_peft_and_reproduce_outputs(tmp_path, make_bas
 
 
 def test_stack_rows_pads_rows_and_length():
-    a = {"input_ids": torch.ones(2, 3, dtype=torch.long), "labels": torch.ones(2, 3, dtype=torch.long),
-         "attention_mask": torch.ones(2, 3, dtype=torch.long)}
+    a = {
+        "input_ids": torch.ones(2, 3, dtype=torch.long),
+        "labels": torch.ones(2, 3, dtype=torch.long),
+        "attention_mask": torch.ones(2, 3, dtype=torch.long),
+    }
     b = {k: torch.full((1, 5), 2, dtype=torch.long) for k in a}
     out = stack_rows([a, b, None], PAD)
     assert out["input_ids"].shape == (6, 5)
@@ -210,12 +227,16 @@ def test_causal_lm_losses_is_per_lora_mean():
 
 def test_stacked_adamw_matches_torch_for_each_row():
     torch.manual_seed(0)
-    hps = [TrainHParams(lr=1e-2, weight_decay=0.1), TrainHParams(lr=3e-3, betas=(0.5, 0.9),
-                                                                 eps=1e-3, weight_decay=0.0)]
+    hps = [
+        TrainHParams(lr=1e-2, weight_decay=0.1),
+        TrainHParams(lr=3e-3, betas=(0.5, 0.9), eps=1e-3, weight_decay=0.0),
+    ]
     p = torch.nn.Parameter(torch.randn(2, 3, 4, dtype=torch.float64))
     refs = [torch.nn.Parameter(p.detach()[k].clone()) for k in range(2)]
-    opts = [torch.optim.AdamW([r], lr=h.lr, betas=h.betas, eps=h.eps, weight_decay=h.weight_decay)
-            for r, h in zip(refs, hps)]
+    opts = [
+        torch.optim.AdamW([r], lr=h.lr, betas=h.betas, eps=h.eps, weight_decay=h.weight_decay)
+        for r, h in zip(refs, hps)
+    ]
     opt = StackedAdamW([p], hps)
     for _ in range(10):
         g = torch.randn(2, 3, 4, dtype=torch.float64)

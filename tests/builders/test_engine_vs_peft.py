@@ -54,8 +54,9 @@ def run_engine(base, targets, specs, hps, batches):
         batch = stack_rows(per, PAD)
 
         def closure(batch=batch):
-            logits = model(input_ids=batch["input_ids"],
-                           attention_mask=batch["attention_mask"]).logits
+            logits = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).logits
             return causal_lm_losses(logits, batch["labels"], k)
 
         tr.step(closure)
@@ -65,17 +66,24 @@ def run_engine(base, targets, specs, hps, batches):
 
 def run_peft(base, targets, spec, hp, batches):
     model = copy.deepcopy(base)
-    cfg = LoraConfig(r=spec.r, lora_alpha=spec.alpha, target_modules=targets, lora_dropout=0.0,
-                     use_rslora=spec.use_rslora,
-                     fan_in_fan_out=type(base).__name__.startswith("GPT2"))
+    cfg = LoraConfig(
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        target_modules=targets,
+        lora_dropout=0.0,
+        use_rslora=spec.use_rslora,
+        fan_in_fan_out=type(base).__name__.startswith("GPT2"),
+    )
     pm = get_peft_model(model, cfg)
     peft_init_like(pm, spec)
     pm.eval()
     params = [p for p in pm.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=hp.lr, betas=hp.betas, eps=hp.eps,
-                            weight_decay=hp.weight_decay)
+    opt = torch.optim.AdamW(
+        params, lr=hp.lr, betas=hp.betas, eps=hp.eps, weight_decay=hp.weight_decay
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(hp.schedule, s, hp.total_steps, hp.warmup_steps))
+        opt, lambda s: lr_factor(hp.schedule, s, hp.total_steps, hp.warmup_steps)
+    )
     losses = []
     for b in batches:
         opt.zero_grad()
@@ -84,8 +92,10 @@ def run_peft(base, targets, spec, hp, batches):
         # the comparison is limited by float64 round-off, and check HF agrees to float32.
         logits = out.logits
         loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), b["labels"][:, 1:].reshape(-1),
-            ignore_index=-100)
+            logits[:, :-1].reshape(-1, logits.shape[-1]),
+            b["labels"][:, 1:].reshape(-1),
+            ignore_index=-100,
+        )
         assert abs(float(out.loss.detach()) - float(loss.detach())) < 1e-5
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, hp.max_grad_norm)
@@ -106,14 +116,38 @@ def peft_factors(pm):
 
 CASES = [
     # (spec, hparams, batch size, steps, seq len)
-    (LoraSpec(r=2, alpha=4, init_seed=11),
-     TrainHParams(lr=3e-3, weight_decay=0.1, total_steps=24, max_grad_norm=1.0), 2, 24, 12),
-    (LoraSpec(r=4, alpha=8, init_seed=22, use_rslora=True),
-     TrainHParams(lr=1e-3, weight_decay=0.0, betas=(0.8, 0.99), eps=1e-6, total_steps=20,
-                  warmup_steps=4, schedule="linear", max_grad_norm=0.05), 3, 20, 10),
-    (LoraSpec(r=4, alpha=16, init_seed=33),
-     TrainHParams(lr=5e-3, weight_decay=0.01, total_steps=22, schedule="cosine",
-                  max_grad_norm=None), 1, 22, 12),
+    (
+        LoraSpec(r=2, alpha=4, init_seed=11),
+        TrainHParams(lr=3e-3, weight_decay=0.1, total_steps=24, max_grad_norm=1.0),
+        2,
+        24,
+        12,
+    ),
+    (
+        LoraSpec(r=4, alpha=8, init_seed=22, use_rslora=True),
+        TrainHParams(
+            lr=1e-3,
+            weight_decay=0.0,
+            betas=(0.8, 0.99),
+            eps=1e-6,
+            total_steps=20,
+            warmup_steps=4,
+            schedule="linear",
+            max_grad_norm=0.05,
+        ),
+        3,
+        20,
+        10,
+    ),
+    (
+        LoraSpec(r=4, alpha=16, init_seed=33),
+        TrainHParams(
+            lr=5e-3, weight_decay=0.01, total_steps=22, schedule="cosine", max_grad_norm=None
+        ),
+        1,
+        22,
+        12,
+    ),
 ]
 
 
@@ -134,15 +168,18 @@ def test_batched_matches_separate_peft_runs(make_base, targets):
     assert tr.steps_done.tolist() == [24, 20, 22]
     assert tr.failed_step == [None, None, None]
     records = mm.extract([f"l{i}" for i in range(3)], dtype=torch.float64)
-    for i, (spec, hp, *_rest) in enumerate(CASES):
+    for i, (spec, _hp, *_rest) in enumerate(CASES):
         pm, ref_losses = run_peft(base, targets, spec, hps[i], batches[i])
         ref = peft_factors(pm)
         rec = records[i]
         assert set(rec.modules) == set(ref)
         eng_losses = [float(h[i]) for h in tr.loss_history[: len(ref_losses)]]
-        torch.testing.assert_close(torch.tensor(eng_losses, dtype=torch.float64),
-                                   torch.tensor(ref_losses, dtype=torch.float64),
-                                   rtol=1e-7, atol=1e-9)
+        torch.testing.assert_close(
+            torch.tensor(eng_losses, dtype=torch.float64),
+            torch.tensor(ref_losses, dtype=torch.float64),
+            rtol=1e-7,
+            atol=1e-9,
+        )
         for name, (a_ref, b_ref) in ref.items():
             mod = rec.modules[name]
             assert mod.A.shape == (spec.r, a_ref.shape[1])
@@ -175,10 +212,87 @@ def test_float32_single_lora_matches_peft():
     mm = MultiLoraModel(model, ["q_proj", "v_proj"], [spec])
     tr = MultiLoraTrainer(mm, [hp])
     for b in batches:
-        tr.step(lambda b=b: causal_lm_losses(model(input_ids=b["input_ids"]).logits,
-                                             b["labels"], 1))
+        tr.step(
+            lambda b=b: causal_lm_losses(model(input_ids=b["input_ids"]).logits, b["labels"], 1)
+        )
     rec = mm.extract()[0]
     pm, _ = run_peft(base, ["q_proj", "v_proj"], spec, hp, batches)
     for name, (a_ref, b_ref) in peft_factors(pm).items():
         torch.testing.assert_close(rec.modules[name].A, a_ref, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(rec.modules[name].B, b_ref, rtol=1e-4, atol=1e-5)
+
+
+class SeededDropout(torch.nn.Module):
+    """PEFT's lora_dropout replaced by the engine's draw: one generator per LoRA shared by all
+    its layers, uniform float32 draws of the input's shape in forward order, inverted dropout.
+    Everything else (the LoRA math, optimizer, clipping) stays PEFT's and torch's own."""
+
+    def __init__(self, p: float, gen: torch.Generator) -> None:
+        super().__init__()
+        self.p, self.gen = p, gen
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = torch.rand(x.shape, generator=self.gen, dtype=torch.float32)
+        return x * (u >= self.p).to(x.dtype) / (1.0 - self.p)
+
+
+def test_batched_with_dropout_matches_peft_runs():
+    """K=3, dropout > 0 (different p and seeds), different ranks, lr, wd and clipping, equal
+    batch shapes (the dropout draw has the padded batch's shape): every LoRA equals its PEFT
+    run with the same masks, and the masks really change the result."""
+    base = tiny_llama().double()
+    targets = ["q_proj", "v_proj"]
+    specs = [
+        LoraSpec(r=2, alpha=4, dropout=0.1, init_seed=1, dropout_seed=101),
+        LoraSpec(r=4, alpha=8, dropout=0.3, init_seed=2, dropout_seed=102),
+        LoraSpec(r=3, alpha=3, dropout=0.05, init_seed=3, dropout_seed=103),
+    ]
+    hps = [
+        TrainHParams(lr=3e-3, weight_decay=0.1, total_steps=12, max_grad_norm=0.5),
+        TrainHParams(lr=1e-3, weight_decay=0.0, total_steps=12, max_grad_norm=float("inf")),
+        TrainHParams(lr=5e-3, weight_decay=0.01, total_steps=12, max_grad_norm=0.05),
+    ]
+    batches = [make_batches(200 + i, 12, 2, 10) for i in range(3)]
+    mm, tr = run_engine(base, targets, specs, hps, batches)
+    assert tr.failed_step == [None, None, None]
+    records = mm.extract(dtype=torch.float64)
+    for i, spec in enumerate(specs):
+        factors = {}
+        for p_drop in (spec.dropout, 0.0):
+            model = copy.deepcopy(base)
+            cfg = LoraConfig(
+                r=spec.r, lora_alpha=spec.alpha, target_modules=targets, lora_dropout=0.1
+            )
+            pm = get_peft_model(model, cfg)
+            peft_init_like(pm, spec)
+            gen = torch.Generator().manual_seed(spec.dropout_seed)
+            n = 0
+            for m in pm.modules():
+                if isinstance(getattr(m, "lora_dropout", None), torch.nn.ModuleDict):
+                    m.lora_dropout["default"] = SeededDropout(p_drop, gen)
+                    n += 1
+            assert n == 4
+            pm.eval()
+            params = [p for p in pm.parameters() if p.requires_grad]
+            hp = hps[i]
+            opt = torch.optim.AdamW(
+                params, lr=hp.lr, betas=hp.betas, eps=hp.eps, weight_decay=hp.weight_decay
+            )
+            for b in batches[i]:
+                opt.zero_grad()
+                logits = pm(input_ids=b["input_ids"]).logits
+                loss = torch.nn.functional.cross_entropy(
+                    logits[:, :-1].reshape(-1, logits.shape[-1]),
+                    b["labels"][:, 1:].reshape(-1),
+                    ignore_index=-100,
+                )
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, hp.max_grad_norm)
+                opt.step()
+            factors[p_drop] = peft_factors(pm)
+        for name, (a_ref, b_ref) in factors[spec.dropout].items():
+            mod = records[i].modules[name]
+            torch.testing.assert_close(mod.A.double(), a_ref, rtol=1e-6, atol=1e-9)
+            torch.testing.assert_close(mod.B.double(), b_ref, rtol=1e-6, atol=1e-9)
+            # without the masks the result differs: the test does exercise dropout
+            assert (mod.B.double() - factors[0.0][name][1]).abs().max() > 1e-5
