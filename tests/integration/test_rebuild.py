@@ -96,12 +96,6 @@ def test_rebuild_from_a_hub_repo(built, hub, tmp_path):  # noqa: F811
     assert rep.equal and rep.compared == 6, rep.format()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="runner: rebuild --only plans only the chosen jobs, so "
-    "they are batched with other neighbours (k) than in the original build and "
-    "the output split is recomputed over the subset; see the remotes report",
-)
 def test_only_rebuild_of_a_lora_from_a_split_chunk(built, tmp_path):
     register()
     lid = load_zoo(built)["test"].ids[0]
