@@ -23,12 +23,12 @@ import tempfile
 import time
 
 import torch
+
+from lora_zoo.builder_api import JobSpec
 from lora_zoo.builders.t2i_eval import generate_grouped
 from lora_zoo.builders.t2i_pipeline import make_sampler, training_scheduler
 from lora_zoo.builders.t2i_train import LoraStream, autocast_ctx, diffusion_target
 from lora_zoo.builders.text_to_image import Config, TextToImageBuilder
-
-from lora_zoo.builder_api import JobSpec
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 

@@ -8,6 +8,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+from pydantic import ValidationError
+
 from lora_zoo.builders.t2i_data import (
     AttributeTable,
     FolderSource,
@@ -25,9 +28,6 @@ from lora_zoo.builders.t2i_pipeline import (
     write_tiny_tokenizer,
 )
 from lora_zoo.builders.text_to_image import Config, TextToImageBuilder
-from PIL import Image
-from pydantic import ValidationError
-
 from lora_zoo.errors import BuildError, DataSourceError
 from tests.fixtures.t2i import (
     SMOKE_GROUPS,
@@ -372,6 +372,7 @@ def test_hub_dataset_path_with_local_parquet_repo(sample_root, tmp_path):
     """The real ``datasets.load_dataset`` path, on a local parquet dataset dir (no network):
     group column, row ids, undecoded bytes hashed as published, attributes from the rows."""
     import datasets
+
     from lora_zoo.builders.t2i_data import HubImageSource
 
     paths = sorted(str(p) for g in ("animal", "object") for p in (sample_root / g).iterdir())

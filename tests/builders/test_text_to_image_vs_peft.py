@@ -10,11 +10,11 @@ samples, noise and timesteps). LoRAs differ in lr, steps, grad_accum, batch size
 from __future__ import annotations
 
 import pytest
+
 from lora_zoo.builders.t2i_data import materialize_sample_images
 from lora_zoo.builders.t2i_pipeline import TinyPipeline, load_pipeline, training_scheduler
 from lora_zoo.builders.t2i_train import LoraStream
 from lora_zoo.builders.text_to_image import Config, TextToImageBuilder, _encode
-
 from lora_zoo.engine import LoraSpec
 from tests.fixtures.t2i import SMOKE_GROUPS, TINY_PIPE, job, peft_reference, t2i_config
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from lora_zoo.cards import card_header, render_card, write_card
 
+from lora_zoo.cards import card_header, render_card, write_card
 from lora_zoo.manifest import verify
 from lora_zoo.reader import load_zoo
 from lora_zoo.schema import configs_header

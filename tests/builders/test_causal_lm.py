@@ -1,0 +1,304 @@
+"""The causal-LM builder: ARC parsing, batched evaluation against a slow one-LoRA-at-a-time
+PEFT scorer, and full builds through ``lora_zoo.runner.build`` on a tiny from-config model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+
+from lora_zoo.builders.causal_lm_eval import build_eval_rows, score_rows, summarise
+from lora_zoo.builders.text_data import ByteTokenizer, Example, arc_example, arc_source
+from lora_zoo.engine import LoraSpec, MultiLoraModel
+from lora_zoo.errors import DataSourceError
+from tests.fixtures.models import tiny_llama
+
+FIXTURE = Path(__file__).parents[1] / "fixtures" / "arc_sample.jsonl"
+TINY_BASE = (
+    "base_model={kind: config, architecture: llama, seed: 0, pretrain_steps: 0, config: "
+    "{hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2, "
+    "num_key_value_heads: 1, max_position_embeddings: 160}}"
+)
+
+
+# ---- ARC parsing ----------------------------------------------------------------------------------
+def test_arc_source_and_example_follow_lm_eval_format():
+    assert arc_source("Mercury_SC_401169") == "Mercury"
+    assert arc_source("NYSEDREGENTS_2006_8_10") == "NYSEDREGENTS"
+    assert arc_source("AKDE&ED_2008_4_3") == "AKDE&ED"
+    assert arc_source("LEAP__5_10314") == "LEAP"
+    row = {
+        "id": "MCAS_2004_5_1",
+        "question": "What melts ice?",
+        "choices": {"text": ["heat", "cold"], "label": ["1", "2"]},
+        "answerKey": "1",
+    }
+    ex = arc_example(row)
+    assert ex.group == "MCAS"
+    assert ex.context == "Question: What melts ice?\nAnswer:"
+    assert ex.choices == (" heat", " cold") and ex.label == 0
+
+
+@pytest.mark.parametrize(
+    "row,key",
+    [
+        ({"id": "X_1", "question": "q", "choices": {"text": ["a"], "label": ["A"]}}, "answerKey"),
+        ({"id": "X_1", "question": "q", "choices": ["a"], "answerKey": "A"}, "X_1.choices"),
+        (
+            {
+                "id": "X_1",
+                "question": "q",
+                "choices": {"text": ["a"], "label": ["A"]},
+                "answerKey": "B",
+            },
+            "X_1.answerKey",
+        ),
+    ],
+)
+def test_bad_arc_rows_name_file_and_field(row, key):
+    with pytest.raises(DataSourceError) as e:
+        arc_example(row, file="arc.jsonl")
+    assert e.value.file == "arc.jsonl" and e.value.key == key
+    assert str(e.value).startswith("arc.jsonl: " + key)
+
+
+# ---- batched eval vs a slow obvious scorer -------------------------------------------------------
+def _slow_choice_logprobs(model: torch.nn.Module, tok: ByteTokenizer, ex: Example) -> list[float]:
+    """One example, one choice, one unpadded forward at a time: sum of log P(choice tokens)."""
+    out = []
+    ctx = [tok.bos_id, *tok.encode(ex.context)]
+    for ch in ex.choices:
+        ids = torch.tensor([ctx + tok.encode(ch)])
+        with torch.no_grad():
+            lp = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
+        out.append(sum(float(lp[t - 1, ids[0, t]]) for t in range(len(ctx), ids.shape[1])))
+    return out
+
+
+@pytest.mark.slow
+def test_batched_eval_of_k_loras_matches_separate_peft_scoring(tmp_path):
+    tok = ByteTokenizer()
+    examples = [arc_example(json.loads(line)) for line in FIXTURE.read_text().splitlines()][:9]
+    base = tiny_llama(vocab=tok.vocab_size, hidden=32)
+    model = tiny_llama(vocab=tok.vocab_size, hidden=32)
+    specs = [LoraSpec(r=r, alpha=8, init_seed=s) for r, s in ((2, 1), (4, 2), (3, 3))]
+    mm = MultiLoraModel(model, ["q_proj", "v_proj"], specs)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # non-zero B so every LoRA changes the scores differently
+        for w in mm.wrappers.values():
+            w.lora_B.copy_(torch.randn(w.lora_B.shape, generator=g) * 0.5 * w.rank_mask[:, None])
+    mm.eval()
+
+    def tokenize(ex: Example):
+        ctx = [tok.bos_id, *tok.encode(ex.context)]
+        return ctx, [tok.encode(c) for c in ex.choices]
+
+    rows = build_eval_rows(examples, tokenize, max_len=512, multiple_choice=True)
+    scores = score_rows(
+        model, rows, 3, batch_size=16, pad_id=tok.pad_id, device=torch.device("cpu")
+    )
+    fast = summarise(examples, rows, scores, loss_on="continuation", per_group=True)
+    records = mm.extract([f"l{k}" for k in range(3)])
+    accs = set()
+    for k, rec in enumerate(records):
+        folder = tmp_path / f"l{k}"
+        folder.mkdir()
+        (folder / "adapter_model.safetensors").write_bytes(rec.to_safetensors_bytes())
+        (folder / "adapter_config.json").write_text(json.dumps(rec.config))
+        pm = PeftModel.from_pretrained(base, str(folder)).eval()
+        hits, nll, ntok, slow = [], 0.0, 0, []
+        for ex in examples:
+            lps = _slow_choice_logprobs(pm, tok, ex)
+            slow.append(lps)
+            hits.append(max(range(len(lps)), key=lps.__getitem__) == ex.label)
+            nll -= lps[ex.label]
+            ntok += len(tok.encode(ex.choices[ex.label]))
+        for i, r in enumerate(rows):
+            assert abs(float(scores[0][k, i]) - slow[r.example][r.choice]) < 1e-3
+        assert fast[k]["acc"] == pytest.approx(sum(hits) / len(hits))
+        assert fast[k]["eval_loss"] == pytest.approx(nll / ntok, rel=1e-5)
+        assert set(fast[k]["eval_loss_by_group"]) == {e.group for e in examples}
+        accs.add(round(fast[k]["eval_loss"], 6))
+        base = pm.unload()
+    assert len(accs) == 3  # the three LoRAs really score differently
+
+
+# ---- full builds through the runner ----------------------------------------------------------
+def _arc_overrides(n: int, k: int) -> list[str]:
+    data = f"{{kind: files, paths: [{FIXTURE}], task: arc}}"
+    return [
+        TINY_BASE,
+        f"data={data}",
+        f"eval.data={data}",
+        f"num_loras={n}",
+        f"train.k={k}",
+        "vary.epochs={kind: choice, values: [1, 2]}",
+        "vary.batch_size={kind: choice, values: [4, 8]}",
+        "vary.lr={kind: loguniform, low: 1.0e-3, high: 1.0e-2}",
+        "train.micro_batch_size=4",
+        "eval.batch_size=64",
+        "output.split={kind: random, fractions: {train: 0.5, test: 0.5}, seed: 0}",
+    ]
+
+
+def test_arc_recipe_builds_end_to_end_on_local_file(tmp_path):
+    from lora_zoo import load_zoo
+    from lora_zoo.runner import build
+
+    res = build(
+        "recipes/arc-qwen2-r4.yaml",
+        tmp_path / "zoo",
+        overrides=_arc_overrides(4, 2),
+        progress=False,
+    )
+    assert res.counts == {"done": 4, "failed": 0, "pending": 0}
+    zoo = load_zoo(tmp_path / "zoo")
+    rows = [r for s in zoo.splits for r in (zoo[s].row(i) for i in range(len(zoo[s])))]
+    assert len(rows) == 4
+    fixture = [json.loads(line) for line in FIXTURE.read_text().splitlines()]
+    sources = sorted({arc_source(r["id"]) for r in fixture})
+    split = zoo[zoo.splits[0]]
+    for col in ("eval_loss", "acc", "acc_norm", *(f"in_group.{s}" for s in sources)):
+        assert col in split.label_columns, col
+    for col in (
+        "train_example_ids",
+        "groups_included",
+        "final_train_loss",
+        "train_hparams.lr",
+        "train_hparams.steps",
+        "seed.init",
+        "seed.data",
+    ):
+        assert col in split.metadata_columns, col
+    group_of = {r["id"]: arc_source(r["id"]) for r in fixture}
+    for r in rows:
+        inc = set(r["groups_included"])
+        assert inc and set(r["groups_excluded"]) and inc.isdisjoint(r["groups_excluded"])
+        assert 1 <= len(r["groups_excluded"]) <= 6
+        assert {group_of[i] for i in r["train_example_ids"]} <= inc
+        # every example of the included groups is used (no subset size in the recipe)
+        assert len(r["train_example_ids"]) == sum(g in inc for g in group_of.values())
+        assert all(r[f"in_group.{s}"] == (s in inc) for s in sources)
+        assert 0.0 <= r["acc"] <= 1.0 and r["eval_loss"] > 0
+        assert any(c.startswith("eval_loss_by_group.") and r[c] > 0 for c in r)
+        assert r["train_hparams.r"] == 4 and r["final_train_loss"] > 0
+        assert r["train_hparams.lr"] == pytest.approx(r["hp.lr"])
+    lrs = {r["train_hparams.lr"] for r in rows}
+    assert len(lrs) == 4
+    rec = split.record(0)
+    assert rec.config["r"] == 4 and sorted(rec.config["target_modules"]) == ["q_proj", "v_proj"]
+    assert all(name.endswith(("q_proj", "v_proj")) for name in rec.modules)
+
+
+def test_k1_and_k4_builds_give_the_same_loras(tmp_path):
+    """K is a throughput knob only: no dropout and equal batch sizes, so each LoRA's data and
+    masks are the same whatever K, and the K=1 and K=4 zoos agree to float tolerance."""
+    from lora_zoo import load_zoo
+    from lora_zoo.runner import build
+
+    over = [
+        TINY_BASE.replace("pretrain_steps: 0", "pretrain_steps: 20"),
+        "num_loras=4",
+        "vary={lr: {kind: loguniform, low: 1.0e-3, high: 1.0e-2}}",
+        "lora.dropout=0.0",
+        "lora.target_modules=[q_proj, v_proj]",
+        "train.steps=6",
+        "train.batch_size=4",
+        "data.n_examples=120",
+        "eval.max_examples=12",
+        "output.split={kind: none}",
+    ]
+    zoos = {}
+    for k in (1, 4):
+        build(
+            "recipes/quickstart.yaml",
+            tmp_path / f"k{k}",
+            overrides=[*over, f"train.k={k}"],
+            progress=False,
+        )
+        zoos[k] = load_zoo(tmp_path / f"k{k}")
+    s1, s4 = (zoos[k][zoos[k].splits[0]] for k in (1, 4))
+    assert s1.ids == s4.ids and len(s1) == 4
+    for i in range(4):
+        r1, r4 = s1.record(i), s4.record(i)
+        for name, m in r1.modules.items():
+            torch.testing.assert_close(m.A, r4.modules[name].A, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(m.B, r4.modules[name].B, rtol=1e-4, atol=1e-6)
+            assert m.B.abs().max() > 0
+        row1, row4 = s1.row(i), s4.row(i)
+        assert row1["train_example_ids"] == row4["train_example_ids"]
+        assert row1["eval_loss"] == pytest.approx(row4["eval_loss"], rel=1e-4)
+        assert row1["acc"] == pytest.approx(row4["acc"])
+
+
+@pytest.mark.slow
+def test_bench_build_runs_without_datasets_or_diffusers(tmp_path):
+    """The GPU box has neither package: block both imports and run a tiny benchmark."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['datasets'] = None; sys.modules['diffusers'] = None\n"
+        "import runpy; sys.argv = ['bench_build.py', '--loras', '2', '--fresh-loras', '1',"
+        " '--ks', '1,2', '--steps', '2', '--seq', '16', '--json', sys.argv[1]]\n"
+        "runpy.run_path('benchmarks/bench_build.py', run_name='__main__')\n"
+    )
+    out = tmp_path / "rows.json"
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "(c) engine K=2" in proc.stdout and "vs (b)" in proc.stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["loras"] for r in rows] == [1, 2, 2, 2]
+    assert all(r["loras_per_hour"] > 0 for r in rows)
+
+
+def test_arc_recipe_validates_and_expands_like_the_paper():
+    """The shipped recipe as is (only the data pointed at the local ARC-shaped file, since
+    ``groups: from_data`` reads the sources): 2000 jobs with the paper's ranges, deterministic."""
+    import math
+    import statistics
+
+    from lora_zoo.plan import plan
+    from lora_zoo.recipe import load_recipe
+
+    data = f"data={{kind: files, paths: [{FIXTURE}], task: arc}}"
+    recipe = load_recipe("recipes/arc-qwen2-r4.yaml", [data])
+    cfg = recipe.config
+    assert recipe.model.num_loras == 2000 and recipe.k == 16
+    assert cfg.base_model.kind == "hub" and cfg.base_model.id == "Qwen/Qwen2-0.5B"
+    assert len(cfg.base_model.revision) == 40
+    assert cfg.lora.r == 4 and sorted(cfg.lora.target_modules) == ["q_proj", "v_proj"]
+    assert cfg.eval.data.name == "ARC-Challenge" and cfg.eval.data.split == "test"
+    text = Path("recipes/arc-qwen2-r4.yaml").read_text()
+    assert text.startswith("# The LoL paper's Qwen2 ARC zoo") and "lora-zoo build" in text
+    orig = load_recipe("recipes/arc-qwen2-r4.yaml")  # unmodified: the Hub source
+    assert orig.config.data.kind == "hub" and orig.config.data.path == "allenai/ai2_arc"
+    assert orig.config.data.name == ["ARC-Easy", "ARC-Challenge"]
+
+    jobs = plan(recipe)
+    assert len(jobs) == 2000 and len({j.lora_id for j in jobs}) == 2000
+    assert [j.to_dict() for j in jobs[:50]] == [j.to_dict() for j in plan(recipe, limit=50)]
+    hp = [j.hparams for j in jobs]
+    lrs = [h["lr"] for h in hp]
+    assert 1e-5 <= min(lrs) and max(lrs) <= 1e-3
+    assert abs(statistics.median(math.log10(x) for x in lrs) + 4) < 0.1  # log-uniform
+    wds = [h["weight_decay"] for h in hp]
+    assert 1e-6 <= min(wds) and max(wds) <= 1e-2
+    assert abs(statistics.median(math.log10(x) for x in wds) + 4) < 0.15
+    assert {h["epochs"] for h in hp} == {2, 3, 4}
+    assert {h["batch_size"] for h in hp} == {32, 64, 128}
+    drops = [h["dropout"] for h in hp]
+    assert 0 <= min(drops) and max(drops) <= 0.1 and abs(statistics.mean(drops) - 0.05) < 0.005
+    sources = {arc_source(json.loads(line)["id"]) for line in FIXTURE.read_text().splitlines()}
+    for j in jobs:
+        exc, inc = set(j.data["groups_excluded"]), set(j.data["groups_included"])
+        assert 1 <= len(exc) <= 6 and exc | inc == sources and not exc & inc
+    assert len({frozenset(j.data["groups_excluded"]) for j in jobs}) > 100
+    for stream in ("init", "data", "dropout"):
+        assert len({j.seeds[stream] for j in jobs}) == 2000
