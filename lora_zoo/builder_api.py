@@ -88,8 +88,9 @@ class Builder(Protocol):
     VERSION: ClassVar[str]
     Config: ClassVar[type[BaseModel]]
 
-    def __init__(self, config: BaseModel, *, device: str = "cpu",
-                 cache_dir: str | None = None) -> None: ...
+    def __init__(
+        self, config: BaseModel, *, device: str = "cpu", cache_dir: str | None = None
+    ) -> None: ...
 
     def train(self, jobs: Sequence[JobSpec]) -> list[TrainedLora]:
         """Train these jobs (the runner hands at most ``train.k`` at a time, sharing one

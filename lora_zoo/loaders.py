@@ -405,6 +405,7 @@ class LoraIterableDataset(_ZooViews, IterableDataset):
             ids=ids,
             validate=self.validate,
             select=self._select,
+            consume=True,  # the batch is ours: fold the scale in place, no copy
         )
         viewed = [(rows, self._views(fac, offset + rows)) for rows, fac in groups]
         if self.batch_size is None:

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load as st_load
 from torch.utils.data import DataLoader
 
+import lora_zoo.decode as decode_mod
 from lora_zoo.errors import CorruptFileError, NonFiniteError, SelectionError
 from lora_zoo.loaders import (
     LoraDataset,
@@ -178,6 +179,83 @@ def test_corrupt_weights_named_error():
     bad_len = (10**9).to_bytes(8, "little") + good[8:]
     with pytest.raises(CorruptFileError, match="header length"):
         decode_weight_batch(pa.array([bad_len], pa.binary()))
+
+
+def _fresh_weights(sp: ParquetSplit, batch_size: int) -> list[pa.Array]:
+    """Weight columns of record batches straight from Parquet (ours to consume)."""
+    return [b.column("weights") for b in sp.iter_batches(["weights"], batch_size=batch_size)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_consume_in_place_equals_safetensors_and_copy_path(tmp_path, dtype):
+    """decode_weight_batch(consume=True) folds the scale inside Arrow's buffer and returns views:
+    bit-equal to safetensors read directly (LoraModule.factors rules) and to the copy path, and
+    the copy path leaves its input untouched."""
+    sp = ParquetSplit(write_split(tmp_path / "s.parquet", [4, 4, 2, 4, 4, 4], dtype, 6))
+    rows_bytes = [sp.weights_bytes(i) for i in range(len(sp))]
+    for fold in (True, False):
+        kept = _fresh_weights(sp, 6)
+        before = [w.as_py() for w in kept[0]]
+        copied = decode_weight_batch(kept[0], fold_scale=fold)
+        assert [w.as_py() for w in kept[0]] == before  # consume=False: input not mutated
+        consumed = decode_weight_batch(_fresh_weights(sp, 6)[0], fold_scale=fold, consume=True)
+        assert len(consumed) == len(copied) > 1  # rank 2 and rank 4 rows: two groups
+        shared = 0
+        for (rows_c, fac_c), (rows_k, fac_k) in zip(consumed, copied):
+            assert rows_c.tolist() == rows_k.tolist()
+            for name, (u, v) in fac_c.items():
+                assert u.dtype == dtype and torch.equal(u, fac_k[name][0])
+                assert torch.equal(v, fac_k[name][1])
+                for j, row in enumerate(rows_c):
+                    ru, rv = ref_factors_from_bytes(rows_bytes[int(row)], fold)[name]
+                    assert torch.equal(u[j], ru) and torch.equal(v[j], rv)
+            u0 = next(iter(fac_c.values()))[0]
+            shared += u0.untyped_storage().nbytes() > u0.nbytes  # a view into the batch
+        assert shared == len(consumed)  # the in-place path was taken for every group
+
+
+def test_consume_falls_back_and_rejects_nonfinite(tmp_path, monkeypatch):
+    """Selection, negative scales and inf/nan in the in-place path behave like the copy path."""
+    sp = ParquetSplit(write_split(tmp_path / "s.parquet", [4, 4, 4], torch.bfloat16, 3))
+    pick = lambda names: [n for n in names if n.endswith("q_proj")]  # noqa: E731
+    want = decode_weight_batch(_fresh_weights(sp, 3)[0], select=pick)
+    got = decode_weight_batch(_fresh_weights(sp, 3)[0], select=pick, consume=True)
+    for name, (u, v) in got[0][1].items():
+        assert u.untyped_storage().nbytes() == u.nbytes  # partial selection: fresh copies
+        assert torch.equal(u, want[0][1][name][0]) and torch.equal(v, want[0][1][name][1])
+    neg = make_record(0, 4, torch.bfloat16)
+    neg.config["lora_alpha"] = -8
+    for m in neg.modules.values():
+        m.alpha, m.scale = -8, -2.0
+    arr = lambda: pa.array([neg.to_safetensors_bytes()] * 2, pa.binary())  # noqa: E731
+    ref = ref_factors_from_bytes(neg.to_safetensors_bytes())
+    ((_, fac),) = decode_weight_batch(arr(), consume=True)
+    for name, (u, v) in fac.items():
+        assert torch.equal(u[1], ref[name][0]) and torch.equal(v[1], ref[name][1])
+    bad = make_record(1, 4, torch.bfloat16)
+    name = "model.layers.1.self_attn.v_proj"
+    bad.modules[name].A[2, 5] = float("-inf")
+    recs = [make_record(1, 4, torch.bfloat16), bad]
+    for whole_block_max in (decode_mod._WHOLE_BLOCK_REDUCE, 0):  # both reductions
+        monkeypatch.setattr(decode_mod, "_WHOLE_BLOCK_REDUCE", whole_block_max)
+        with pytest.raises(NonFiniteError, match="zoo:inf") as e:
+            decode_weight_batch(
+                pa.array([r.to_safetensors_bytes() for r in recs], pa.binary()),
+                ids=["ok", "inf"],
+                consume=True,
+            )
+        assert e.value.key == f"base_model.model.{name}.lora_A.weight"
+
+
+def test_iterable_batches_equal_safetensors_read_directly(split):
+    """The streaming fast path (consume=True) against safetensors per row, bit for bit."""
+    for batch in LoraIterableDataset(split, "factors", batch_size=4):
+        for j, i in enumerate(batch["index"].tolist()):
+            for name, (u, v) in ref_factors_from_bytes(split.weights_bytes(i)).items():
+                r = u.shape[1]
+                mod = batch["modules"][name]
+                assert torch.equal(mod["U"][j, :, :r], u) and torch.equal(mod["V"][j, :, :r], v)
+                assert not mod["U"][j, :, r:].any() and int(mod["mask"][j].sum()) == r
 
 
 @pytest.mark.parametrize("view", ALL_VIEWS)
