@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 from tqdm.auto import tqdm
 
@@ -131,6 +132,7 @@ def load_config_model(
         "data": data_key,
         "n_rows": len(pretrain_rows),
         "torch": torch.__version__.split("+")[0],
+        "cache_format": 2,  # 2: pretrain losses stored in the file metadata
     }
     digest = hashlib.sha256(json.dumps(key_doc, sort_keys=True).encode()).hexdigest()[:16]
     model = build_from_config(
@@ -141,9 +143,13 @@ def load_config_model(
         return model.eval(), info
     path = cache_root(cache_dir) / "base_models" / f"{section.architecture}-{digest}.safetensors"
     if path.exists():
-        missing, unexpected = load_model(model, str(path), strict=True)
+        load_model(model, str(path), strict=True)
         logger.info("loaded pretrained base from cache %s", path)
-        info["pretrain_cached"] = True
+        # per-LoRA metadata must not depend on whether this worker found the cache (a resumed or
+        # sharded build would otherwise differ from a clean one): the losses travel with the file
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        info.update(json.loads(meta.get("lora_zoo.pretrain", "{}")))
         return model.eval(), info
     losses = pretrain(
         model,
@@ -156,7 +162,15 @@ def load_config_model(
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_model(model, str(tmp), metadata={"lora_zoo.key": json.dumps(key_doc, sort_keys=True)})
+    stats = {"pretrain_loss_first": losses[0], "pretrain_loss_last": losses[-1]}
+    save_model(
+        model,
+        str(tmp),
+        metadata={
+            "lora_zoo.key": json.dumps(key_doc, sort_keys=True),
+            "lora_zoo.pretrain": json.dumps(stats),
+        },
+    )
     os.replace(tmp, path)  # atomic: concurrent shards never read a half-written base
     logger.info(
         "pretrained base %d steps: loss %.3f -> %.3f; cached %s",
@@ -165,7 +179,7 @@ def load_config_model(
         losses[-1],
         path,
     )
-    info.update(pretrain_cached=False, pretrain_loss_first=losses[0], pretrain_loss_last=losses[-1])
+    info.update(stats)
     return model.eval(), info
 
 

@@ -231,6 +231,11 @@ def test_k1_and_k4_builds_give_the_same_loras(tmp_path):
             assert m.B.abs().max() > 0
         row1, row4 = s1.row(i), s4.row(i)
         assert row1["train_example_ids"] == row4["train_example_ids"]
+        # the K=4 build loaded the base from the cache the K=1 build wrote: per-LoRA metadata
+        # must not tell the two apart (resumed and sharded builds hit the cache the same way)
+        pre1 = {c: v for c, v in row1.items() if c.startswith(("pretrain", "base_"))}
+        assert pre1 and pre1 == {c: row4[c] for c in pre1}
+        assert "pretrain_loss_last" in pre1
         assert row1["eval_loss"] == pytest.approx(row4["eval_loss"], rel=1e-4)
         assert row1["acc"] == pytest.approx(row4["acc"])
 
