@@ -270,11 +270,12 @@ def download_zoo(
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for b in iter(lambda: f.read(8 << 20), b""):
-            h.update(b)
-    return h.hexdigest()
+    """sha256 of a local file (the manifest's streamed hash, on the local filesystem)."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    from lora_zoo.manifest import sha256_file
+
+    return sha256_file(LocalFileSystem(), str(path))[0]
 
 
 # ---- cheap integrity checks for streaming -------------------------------------------------------
