@@ -6,6 +6,12 @@ one bad file never stops or loses the others. Nothing is unpickled unless the ca
 ``allow_pickle_conversion`` (then only ``torch.load(weights_only=True)``). Paths found under a
 source (symlinks, ``..``) must stay inside it. Accepted LoRAs are written with ``ZooWriter``;
 duplicates (same factors, any format) are reported and skipped.
+
+Hub SRCs (``hf://owner/name[@rev][/sub]``, or a bare ``owner/name`` that is not a local path) are
+fetched by ``lora_zoo.ingest_hub`` into a temporary folder first (safetensors and small JSON
+only, pinned to one commit sha) and then go through exactly the same checks as local files; each
+accepted LoRA from the Hub records repo id, revision and commit sha in its metadata. A Hub SRC
+that cannot be opened is one entry of the report; the other SRCs still go through.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ import hashlib
 import json
 import logging
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +37,7 @@ from lora_zoo.formats.common import check_against_shapes, delta_shape
 from lora_zoo.formats.detect import detect_format
 from lora_zoo.formats.files import PICKLE_SUFFIXES, SAFETENSORS_SUFFIX
 from lora_zoo.formats.peft import CONFIG_NAME
+from lora_zoo.ingest_hub import fetch_all, is_hub_source
 from lora_zoo.ingest_table import MetadataTable, read_table
 from lora_zoo.record import LoraRecord
 from lora_zoo.writer import ZooWriter
@@ -42,15 +51,25 @@ _SUFFIXES = (SAFETENSORS_SUFFIX, *PICKLE_SUFFIXES)
 class Candidate:
     path: Path  # as found (not resolved)
     root: Path  # the source directory it must stay inside
-    rel: str  # path relative to root, POSIX
+    rel: str  # path relative to root, POSIX (for Hub files: the path in the repo)
+    id_prefix: str | None = None  # Hub files: the repo id, so ids from two repos never clash
+    origin: str | None = None  # Hub files: the pinned hf:// URL the report shows
+    provenance: dict[str, Any] | None = None  # Hub files: repo / revision / commit metadata
 
     @property
     def lora_id(self) -> str:
         rel = self.rel
         for s in _SUFFIXES:
             if rel.lower().endswith(s):
-                return rel[: -len(s)]
-        return rel
+                rel = rel[: -len(s)]
+                break
+        if self.id_prefix is None:
+            return rel
+        return f"{self.id_prefix}/{rel}" if rel else self.id_prefix
+
+    @property
+    def display(self) -> str:
+        return self.origin or str(self.path)
 
 
 def _inside(path: Path, root: Path) -> bool:
@@ -71,7 +90,8 @@ def _glob_root(pattern: str) -> Path:
 def _walk(root: Path, start: Path, out: list[Candidate], bad: list[dict[str, Any]]) -> None:
     """Adapter candidates under ``start``: PEFT folders (not descended into) and tensor files."""
     if (start / CONFIG_NAME).is_file():
-        out.append(Candidate(start, root, start.relative_to(root).as_posix() or start.name))
+        rel = start.relative_to(root).as_posix()
+        out.append(Candidate(start, root, start.name if rel == "." else rel))
         return
     for dirpath, dirnames, filenames in os.walk(start, followlinks=False):
         d = Path(dirpath)
@@ -130,7 +150,7 @@ def discover(sources: list[str]) -> tuple[list[Candidate], list[dict[str, Any]]]
     return unique, bad
 
 
-def _reject(path: Path, err: Exception) -> dict[str, Any]:
+def _reject(path: Path | str, err: Exception) -> dict[str, Any]:
     if isinstance(err, LoraZooError):
         d = err.to_dict()
         if d["file"] and d["file"] != str(path):
@@ -177,12 +197,75 @@ def ingest(
     allow_pickle_conversion: bool = False,
     assume_alpha_equals_rank: bool = False,
     report_path: str | os.PathLike[str] | None = None,
+    revision: str | None = None,
+    download_dir: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
-    """Ingest ``sources`` into a new zoo at ``out``; returns (and saves) the report."""
+    """Ingest ``sources`` into a new zoo at ``out``; returns (and saves) the report.
+
+    ``revision`` pins Hub SRCs that do not say ``@rev`` themselves. Hub downloads go to a
+    temporary folder under the lora_zoo cache that is removed afterwards, unless
+    ``download_dir`` is given (then they are kept there, one sub-folder per Hub SRC).
+    """
     table: MetadataTable | None = read_table(metadata) if metadata else None
     shapes = module_shapes(base_model) if base_model else None
     max_bytes = None if max_file_mb is None else int(max_file_mb * 2**20)
-    cands, rejected = discover(sources)
+    hub_srcs = [s for s in sources if is_hub_source(s)]
+    cands, rejected = discover([s for s in sources if s not in hub_srcs])
+    tmp: Path | None = None
+    if hub_srcs and download_dir is None:
+        from lora_zoo.remote import cache_root
+
+        (cache_root() / "ingest").mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix="hub-", dir=cache_root() / "ingest"))
+    try:
+        hub_report = fetch_all(hub_srcs, Path(download_dir or tmp or "."), revision=revision,
+                               max_bytes=max_bytes, make_candidate=Candidate,
+                               cands=cands, rejected=rejected)  # fmt: skip
+        report = _ingest(cands, rejected, out, format=format, table=table, labels=labels,
+                         shapes=shapes, base_name=str(base_model or ""), collection=collection,
+                         max_bytes=max_bytes, allow_pickle_conversion=allow_pickle_conversion,
+                         assume_alpha_equals_rank=assume_alpha_equals_rank, sources=sources,
+                         hub_report=hub_report)  # fmt: skip
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    rp = Path(report_path) if report_path else Path(out) / REPORT_NAME
+    rp.write_text(json.dumps(report, indent=2, sort_keys=True, default=str))
+    report["report_path"] = str(rp)
+    c = report["counts"]
+    log.info("ingest: %d accepted, %d rejected, %d duplicates",
+             c["accepted"], c["rejected"], c["duplicates"])  # fmt: skip
+    return report
+
+
+def _reject_candidate(c: Candidate, e: Exception) -> dict[str, Any]:
+    """A rejection named by the file the user knows (the hf:// URL for Hub files)."""
+    d = _reject(c.path, e)
+    if c.origin:
+        d["file"] = c.origin
+        inner = d.get("inner_file")
+        if inner and str(inner).startswith(str(c.path)):
+            d["inner_file"] = c.origin.rstrip("/") + str(inner)[len(str(c.path)) :]
+    return d
+
+
+def _ingest(
+    cands: list[Candidate],
+    rejected: list[dict[str, Any]],
+    out: str | os.PathLike[str],
+    *,
+    format: str,
+    table: MetadataTable | None,
+    labels: list[str] | tuple[str, ...],
+    shapes: dict[str, Any] | None,
+    base_name: str,
+    collection: str,
+    max_bytes: int | None,
+    allow_pickle_conversion: bool,
+    assume_alpha_equals_rank: bool,
+    sources: list[str],
+    hub_report: list[dict[str, Any]],
+) -> dict[str, Any]:
     accepted: list[dict[str, Any]] = []
     duplicates: list[dict[str, Any]] = []
     hashes: dict[str, str] = {}
@@ -190,7 +273,6 @@ def ingest(
     used_keys: set[str] = set()
     missing_rows: list[str] = []
     label_set = set(labels)
-    base_name = str(base_model or "")
     with ZooWriter(out, mode="create") as w:
         for c in tqdm(cands, desc="ingest", unit="lora", disable=len(cands) < 20):
             try:
@@ -206,7 +288,7 @@ def ingest(
                 )
                 if shapes is not None:
                     check_against_shapes(
-                        rec, shapes, file=str(c.path), what=f"base model {base_name}"
+                        rec, shapes, file=c.display, what=f"base model {base_name}"
                     )
                 for name, m in rec.modules.items():  # consistency across the collection
                     got = delta_shape(m)
@@ -221,7 +303,7 @@ def ingest(
                 digest = content_hash(rec)
                 if digest in hashes:
                     duplicates.append(
-                        {"file": str(c.path), "duplicate_of": hashes[digest], "sha256": digest}
+                        {"file": c.display, "duplicate_of": hashes[digest], "sha256": digest}
                     )
                     continue
                 lora_id = c.lora_id
@@ -232,6 +314,7 @@ def ingest(
                     "source_file": c.rel,
                     "source_format": fmt,
                     "content_sha256": digest,
+                    **(c.provenance or {}),
                 }
                 labs: dict[str, Any] = {}
                 if table is not None:
@@ -254,17 +337,20 @@ def ingest(
                     collection=collection,
                 )
             except LoraZooError as e:
-                rejected.append(_reject(c.path, e))
+                rejected.append(_reject_candidate(c, e))
                 continue
             except Exception as e:  # a bug or library error on one file must not stop the rest
-                log.exception("%s: unexpected error", c.path)
-                rejected.append(_reject(c.path, e))
+                log.exception("%s: unexpected error", c.display)
+                rejected.append(_reject_candidate(c, e))
                 continue
-            hashes[digest] = str(c.path)
+            hashes[digest] = c.display
             for name, m in rec.modules.items():
-                ref_shapes.setdefault(name, (delta_shape(m), str(c.path)))
-            accepted.append({"lora_id": lora_id, "file": str(c.path), "format": fmt,
+                ref_shapes.setdefault(name, (delta_shape(m), c.display))
+            accepted.append({"lora_id": lora_id, "file": c.display, "format": fmt,
                              "modules": len(rec), "rank": max(rec.ranks.values())})  # fmt: skip
+            if c.provenance:
+                accepted[-1].update(hub_repo=c.provenance["hub_repo"],
+                                    hub_commit=c.provenance["hub_commit"])  # fmt: skip
         report: dict[str, Any] = {
             "out": str(out),
             "sources": list(sources),
@@ -291,14 +377,11 @@ def ingest(
                 "extra_rows": sorted(set(table.rows) - used_keys),
                 "type_errors": table.type_errors,
             }
-        w.set_info(ingest={k: report[k] for k in ("sources", "collection", "base_model", "counts")})
-    rp = Path(report_path) if report_path else Path(out) / REPORT_NAME
-    rp.write_text(json.dumps(report, indent=2, sort_keys=True, default=str))
-    report["report_path"] = str(rp)
-    log.info(
-        "ingest: %d accepted, %d rejected, %d duplicates",
-        len(accepted),
-        len(rejected),
-        len(duplicates),
-    )
+        if hub_report:
+            report["hub"] = hub_report
+        info = {k: report[k] for k in ("sources", "collection", "base_model", "counts")}
+        if hub_report:  # zoo-level provenance: which repos at which commits
+            info["hub"] = [{k: h.get(k) for k in ("source", "repo_id", "revision", "commit")}
+                           for h in hub_report if "commit" in h]  # fmt: skip
+        w.set_info(ingest=info)
     return report

@@ -6,13 +6,22 @@ import argparse
 import json
 from typing import Any
 
+# The Hub SRC rule, also implemented by lora_zoo.ingest_hub.is_hub_source (kept here so that
+# building the CLI parser imports nothing heavy).
+SRC_HELP = (
+    "folders, files or glob patterns; or Hub repos: hf://OWNER/NAME[@REV][/SUBPATH] "
+    "(hf://datasets/... for dataset repos), or a bare OWNER/NAME when no local path of that "
+    "name exists (a local path always wins). From the Hub only *.safetensors and small *.json "
+    "are downloaded; .bin/.pt/.ckpt/.pth are refused by name, never fetched"
+)
+
 
 def register(sub: Any) -> None:
     p = sub.add_parser(
         "ingest",
         help="turn PEFT / diffusers / kohya LoRA files into a zoo (+ a report of rejected files)",
     )
-    p.add_argument("sources", nargs="+", metavar="SRC", help="folders, files or glob patterns")
+    p.add_argument("sources", nargs="+", metavar="SRC", help=SRC_HELP)
     p.add_argument("--out", required=True, help="new zoo folder")
     p.add_argument("--format", default="auto", choices=("auto", "peft", "diffusers", "kohya"))
     p.add_argument(
@@ -38,6 +47,17 @@ def register(sub: Any) -> None:
     )
     p.add_argument(
         "--report", default=None, help="report JSON path (default OUT/ingest_report.json)"
+    )
+    p.add_argument(
+        "--revision",
+        default=None,
+        help="branch / tag / refs/pr/N / commit of Hub SRCs without @REV (resolved to one commit "
+        "sha, recorded per LoRA as hub_commit)",
+    )
+    p.add_argument(
+        "--download-dir",
+        default=None,
+        help="keep Hub downloads here (default: a temporary folder under $LORA_ZOO_CACHE, removed)",
     )
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
     p.set_defaults(func=cmd_ingest)
@@ -77,6 +97,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         allow_pickle_conversion=args.allow_pickle_conversion,
         assume_alpha_equals_rank=args.assume_alpha_equals_rank,
         report_path=args.report,
+        revision=args.revision,
+        download_dir=args.download_dir,
     )
     if args.json:
         print(json.dumps(rep, indent=2, sort_keys=True, default=str))
@@ -89,6 +111,13 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     for r in rep["rejected"]:
         key = f" [{r['key']}]" if r.get("key") else ""
         print(f"  rejected {r['file']}{key}: {r['error']}: {r['message']}")
+    for h in rep.get("hub", []):
+        if "commit" in h:
+            print(
+                f"  hub {h['repo_id']}@{h['commit'][:12]}: {len(h['downloaded'])} files downloaded "
+                f"({h['bytes_downloaded']:,} bytes), {h['refused']} refused, "
+                f"{len(h['skipped'])} skipped"
+            )
     for d in rep["duplicates"]:
         print(f"  duplicate {d['file']} (same content as {d['duplicate_of']})")
     md = rep.get("metadata")

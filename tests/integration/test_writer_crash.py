@@ -97,8 +97,9 @@ def test_kill_during_create(tmp_path, marker, delay, capsys):
     root = tmp_path / "zoo"
     killed = run_and_kill(root, "create", 12, marker, delay)
     state = check_invariant(root)
-    if killed:
-        assert state == "no-manifest"
+    # a kill between the manifest swap and the child's "closed" line leaves a complete zoo,
+    # which check_invariant has verified; otherwise nothing may look finished
+    if killed and state == "no-manifest":
         assert main(["verify", str(root)]) == 1
         assert "never finished" in capsys.readouterr().out
         # recovery: create refuses the leftovers, overwrite starts clean
