@@ -3,8 +3,10 @@
 A LoRA module stores ΔW = U V^T with U = B (n=out, r) and V = A^T (m=in*, r). For any invertible
 R in GL(r), (U R, V R^-T) gives the same ΔW, so a model that reads raw factors sees r^2 spurious
 degrees of freedom per module. Everything here works on the thin factors only: one QR of each
-factor (O((n + m) r^2)) plus one r x r SVD, never a dense n x m matrix, because dense SVDs of
-Stable-Diffusion / LLM sized modules are 100-1000x slower and need n*m memory.
+factor (O((n + m) r^2); ``canonical`` gets it from the r x r Gram matrix by Cholesky QR where that
+is provably as accurate, Householder otherwise) plus one r x r SVD, never a dense n x m matrix,
+because dense SVDs of Stable-Diffusion / LLM sized modules are 100-1000x slower and need n*m
+memory. ``svals`` / ``canonical`` run single-threaded (see ``_serial``).
 
 All functions accept arbitrary leading batch dimensions, ``U (..., n, r)``, ``V (..., m, r)``,
 so a whole batch of LoRAs (same module shape) is processed by one batched LAPACK call.
@@ -92,29 +94,19 @@ def svals(
     """Singular values of ΔW = U V^T, descending, shape (..., r) (zeros past min(n, m, r)).
 
     GL(r)-invariant exactly (up to floating point): they are a function of ΔW alone.
+
+    Householder R factors only (no Q), single-threaded (see ``_serial``). The Cholesky-QR path
+    that ``canonical`` uses was measured no faster here: without Q to form, LAPACK's R-only QR
+    costs about what the Gram route's (n, r) -> (r, n) transpose copy does.
     """
     _check_pair(u, v)
-    r = u.shape[-1]
+    cd = compute_dtype_for(u.dtype)
     with _serial():
-        fast = _cholesky_pair(u, v)
-        if fast is None:
-            s = _svals_householder(u, v, compute_dtype_for(u.dtype))
-            return s.to(out_dtype or u.dtype)
-        lu, lv, ok, cd = fast
-        s = torch.linalg.svdvals(lu.mT @ lv)  # svals(Ru Rv^T), (B, r)
-        bad = (~ok).nonzero().flatten()
-        if bad.numel():
-            ub, vb = _flat(u)[bad], _flat(v)[bad]
-            s[bad] = _svals_householder(ub, vb, cd)
-        return s.reshape(*u.shape[:-2], r).to(out_dtype or u.dtype)
-
-
-def _svals_householder(u: torch.Tensor, v: torch.Tensor, cd: torch.dtype) -> torch.Tensor:
-    """svals via Householder QR (any shape, any conditioning, rank-deficient included)."""
-    ru = torch.linalg.qr(u.to(cd), mode="r").R  # (..., k, r): Q is never formed for svals
-    rv = torch.linalg.qr(v.to(cd), mode="r").R  # (..., l, r)
-    s = torch.linalg.svdvals(ru @ rv.transpose(-1, -2))  # (..., min(k, l))
-    return _pad_last(s, u.shape[-1]).to(cd)  # (..., r)
+        ru = torch.linalg.qr(u.to(cd), mode="r").R  # (..., k, r): Q is never formed for svals
+        rv = torch.linalg.qr(v.to(cd), mode="r").R  # (..., l, r)
+        s = torch.linalg.svdvals(ru @ rv.transpose(-1, -2))  # (..., min(k, l))
+    s = _pad_last(s, u.shape[-1])  # (..., r)
+    return s.to(out_dtype or u.dtype)
 
 
 def _tolerance(s: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -159,23 +151,24 @@ def canonical(
         if fast is None:
             uc, vc = _canonical_householder(u, v, compute_dtype_for(u.dtype))
             return uc.to(od), vc.to(od)
-        lu, lv, ok, cd = fast
+        lu, lv, ut, vt, ok, cd = fast
         p, s, wh = torch.linalg.svd(lu.mT @ lv)  # Ru Rv^T = P diag(S) W^T, (B, r, r) / (B, r)
         keep = s > _tolerance(s, n, m)
         root = torch.where(keep, s.clamp_min(0).sqrt(), torch.zeros_like(s)).unsqueeze(-2)
         # U' = U Ru^-1 P sqrt(S): an r x r map applied to U (no Q formed); U'^T = M_u^T U^T.
         mu = torch.linalg.solve_triangular(lu.mT, p * root, upper=True)  # (B, r, r)
         mv = torch.linalg.solve_triangular(lv.mT, wh.mT * root, upper=True)
-        uct = mu.mT @ _rows(u, cd)  # (B, r, n), rows contiguous: fast reductions below
-        vct = mv.mT @ _rows(v, cd)  # (B, r, m)
-        # Sign rule: largest-|.| entry of each U' column made positive (max >= -min).
+        uct = mu.mT @ ut  # (B, r, n), rows contiguous: fast reductions below
+        # Sign rule: largest-|.| entry of each U' column made positive (max >= -min). Folded
+        # into V's r x r map (free); U's columns flipped in place.
         sign = torch.where(uct.amax(-1) >= -uct.amin(-1), 1.0, -1.0).to(cd).unsqueeze(-1)
-        uct.mul_(sign)
-        vct.mul_(sign)
+        vct = (mv * sign.mT).mT @ vt  # (B, r, m)
+        uct = uct.mul_(sign).to(od)  # in place, then one cast (measured faster than mul(out=))
         uc, vc = uct.mT, vct.mT  # (B, n, r), (B, m, r) views
         bad = (~ok).nonzero().flatten()
         if bad.numel():
-            uc[bad], vc[bad] = _canonical_householder(_flat(u)[bad], _flat(v)[bad], cd)
+            hu, hv = _canonical_householder(_flat(u)[bad], _flat(v)[bad], cd)
+            uc[bad], vc[bad] = hu.to(uc.dtype), hv
         batch = u.shape[:-2]
         return uc.reshape(*batch, n, r).to(od), vc.reshape(*batch, m, r).to(od)
 
@@ -198,8 +191,8 @@ def _canonical_householder(
 
 # ---- fast path: Cholesky QR2 on the r x r Gram matrices ---------------------------------------
 # Why: LAPACK's batched Householder QR / Q formation runs one small call per matrix on an (n, r)
-# layout with r ~ 4-16, which is slow (measured ~3.6 ms per 64-LoRA Qwen2 module for canonical,
-# 1 thread). The Gram matrix X X^T of the (r, n) row layout is one batched GEMM, its Cholesky
+# layout with r ~ 4-16, which is slow (canonical of a 64-LoRA Qwen2-0.5B q_proj stack: ~1.9 ms,
+# 1 thread, vs ~0.75 ms here). The Gram matrix X X^T of the (r, n) row layout is one batched GEMM, its Cholesky
 # factor is R, and everything else is r x r. One Cholesky QR squares the condition number, so
 # we run it twice (CholeskyQR2: Q1 = X R1^-1, then R2 from Q1's Gram, R = R2 R1), which is as
 # accurate as Householder QR (orthogonality and residual O(eps)) whenever
@@ -212,8 +205,9 @@ def _canonical_householder(
 @contextlib.contextmanager
 def _serial() -> Iterator[None]:
     """Run on the calling thread only: these are many tiny LAPACK/GEMM calls, and an intra-op
-    parallel region on 2 busy cores stalls on its OpenMP barrier (measured svals 3.9 s with
-    2 threads vs 0.09 s with 1 for 256 Qwen2-sized LoRAs). Same reasoning as decode._serial."""
+    parallel region on 2 busy cores stalls on its OpenMP barrier. Measured, 256 Qwen2-0.5B-sized
+    LoRAs through the loader with one of 2 cores busy: canonical 1.10 s -> 0.23 s, svals
+    0.37 s -> 0.14 s; on idle cores 2 threads were ~10% faster for svals. Same as decode._serial."""
     n = torch.get_num_threads()
     if n == 1:
         yield
@@ -232,50 +226,61 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
 
 def _rows(x: torch.Tensor, cd: torch.dtype) -> torch.Tensor:
     """X^T as a contiguous (B, r, n) tensor in ``cd``: one fused cast + transpose copy (the (r, n)
-    layout makes the Gram GEMM and the reductions ~4x faster than the (n, r) layout)."""
-    return _flat(x).mT.to(cd, memory_format=torch.contiguous_format)
+    layout makes the Gram GEMM and the reductions ~4x faster than the (n, r) layout). Always
+    contiguous, whatever the input strides: GEMM kernels (and so the last bits) depend on the
+    layout, and a LoRA's result must not depend on how its batch was stacked."""
+    xt = _flat(x).mT
+    if xt.dtype == cd:  # .to() would return xt itself, ignoring memory_format
+        return xt.contiguous()
+    return xt.to(cd, memory_format=torch.contiguous_format)
 
 
-def _chol_qr2(xt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lower L (B, r, r) with L L^T = X^T X (R = L^T), and a (B,) bool ``ok`` for the rows where
-    Cholesky QR is provably accurate (L of the other rows is garbage).
+class _Fast(NamedTuple):
+    """Cholesky-QR results for a flattened batch: lower Lu, Lv (B, r, r) with Lu Lu^T = U^T U
+    (so Ru = Lu^T), the row layouts Ut (B, r, n), Vt (B, r, m) in ``cd``, and ``ok`` (B,)
+    marking the rows where the fast path is provably accurate (L of the others: identity)."""
 
-    The second pass is skipped when every row's Gram matrix is near-orthogonal
-    (cond(G) <= 4 r, i.e. cond(X) <= 2 sqrt(r)): one pass then loses at most a factor
-    cond(X) <= 2 sqrt(r) in accuracy against Householder QR, a few ulps."""
-    r, n = xt.shape[-2], xt.shape[-1]
-    g1 = xt @ xt.mT  # (B, r, r)
-    l1, info1 = torch.linalg.cholesky_ex(g1)
-    eye = torch.eye(r, dtype=xt.dtype, device=xt.device)
-    l1inv = torch.linalg.solve_triangular(l1, eye.expand_as(l1), upper=False)
-    # cond_2(G) <= ||G||_F ||G^-1||_F <= ||G||_F ||L^-1||_F^2: an upper bound, never an estimate
-    bound = torch.linalg.matrix_norm(g1) * torch.linalg.matrix_norm(l1inv).square()
-    limit = 1.0 / (11 * (n * r + r * (r + 1)) * torch.finfo(xt.dtype).eps)
-    ok = (info1 == 0) & (bound <= limit)  # a NaN bound is not ok
-    if bool(((bound <= 4 * r) | ~ok).all()):
-        return l1, ok
-    q1t = l1inv @ xt  # Q1^T (B, r, n)
-    l2, info2 = torch.linalg.cholesky_ex(q1t @ q1t.mT)
-    return l1 @ l2, ok & (info2 == 0)
+    lu: torch.Tensor
+    lv: torch.Tensor
+    ut: torch.Tensor
+    vt: torch.Tensor
+    ok: torch.Tensor
+    cd: torch.dtype
 
 
-def _cholesky_pair(
-    u: torch.Tensor, v: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.dtype] | None:
-    """(Lu, Lv, ok, compute dtype) for the flattened batch, or None when no row can take the
-    fast path (n < r or m < r: the factors are rank-deficient by shape; or an empty batch)."""
+def _cholesky_pair(u: torch.Tensor, v: torch.Tensor) -> _Fast | None:
+    """Cholesky QR (one or two passes) of both factors, their r x r work fused into one batch of
+    2B; None when no row can take the fast path (n < r or m < r: rank-deficient by shape).
+
+    The second pass is skipped for rows whose Gram matrix is near-orthogonal (bound <= 4 r, so
+    cond(X) <= 2 sqrt(r)): one pass then loses about that factor in accuracy against Householder
+    QR, a few ulps (and is not run at all when every row qualifies, the common case)."""
     n, m, r = u.shape[-2], v.shape[-2], u.shape[-1]
     if n < r or m < r or r == 0 or u.numel() == 0 or v.numel() == 0:
         return None
     cd = compute_dtype_for(u.dtype)
-    lu, oku = _chol_qr2(_rows(u, cd))
-    lv, okv = _chol_qr2(_rows(v, cd))
-    ok = oku & okv
+    ut, vt = _rows(u, cd), _rows(v, cd)  # (B, r, n), (B, r, m)
+    b = ut.shape[0]
+    g1 = torch.cat([ut @ ut.mT, vt @ vt.mT])  # (2B, r, r)
+    l1, info = torch.linalg.cholesky_ex(g1)
+    eye = torch.eye(r, dtype=cd, device=u.device)
+    l1inv = torch.linalg.solve_triangular(l1, eye.expand_as(l1), upper=False)
+    # cond_2(G) <= ||G||_F ||G^-1||_F <= ||G||_F ||L^-1||_F^2: an upper bound, never an estimate
+    bound = torch.linalg.matrix_norm(g1) * torch.linalg.matrix_norm(l1inv).square()
+    limit = 1.0 / (11 * (max(n, m) * r + r * (r + 1)) * torch.finfo(cd).eps)
+    ok = (info == 0) & (bound <= limit)  # a NaN / inf bound is not ok
+    low = l1
+    if not bool(((bound <= 4 * r) | ~ok).all()):  # CholeskyQR2: R2 from Q1 = X R1^-1
+        q1u, q1v = l1inv[:b] @ ut, l1inv[b:] @ vt  # Q1^T, (B, r, n) / (B, r, m)
+        l2, info2 = torch.linalg.cholesky_ex(torch.cat([q1u @ q1u.mT, q1v @ q1v.mT]))
+        two = (bound > 4 * r) & ok  # per row, so a row's result never depends on its batch
+        low, ok = torch.where(two[:, None, None], l1 @ l2, l1), ok & ((info2 == 0) | ~two)
+    ok = ok[:b] & ok[b:]
+    lu, lv = low[:b], low[b:]
     if not bool(ok.all()):  # keep the failed rows' (unused) r x r math finite: identity
-        eye = torch.eye(r, dtype=cd, device=u.device)
         lu = torch.where(ok[:, None, None], lu, eye)
         lv = torch.where(ok[:, None, None], lv, eye)
-    return lu, lv, ok, cd
+    return _Fast(lu, lv, ut, vt, ok, cd)
 
 
 def dense(

@@ -189,3 +189,89 @@ def test_shape_errors():
         symmetry.svals(torch.zeros(3, 2), torch.zeros(4, 3))
     with pytest.raises(ValueError, match="cannot pad"):
         symmetry.pad_rank(torch.zeros(3, 4), 2)
+
+
+# ---- the Cholesky-QR fast path and its Householder fallback -------------------------------------
+def _mixed_batch(dtype: torch.dtype):
+    """Rows that take the fast path (one Cholesky-QR pass; row 5: two), and rows that must fall
+    back: a zero (padded) rank column, a rank-deficient U, and factors too ill-conditioned for
+    Cholesky QR in ``dtype``."""
+    us, vs = zip(*(well_separated(40, 30, 4, s) for s in range(6)))
+    us, vs = list(us), list(vs)
+    us[1], vs[1] = symmetry.pad_rank(us[1][:, :3], 4), symmetry.pad_rank(vs[1][:, :3], 4)
+    us[3] = us[3].clone()
+    us[3][:, 3] = us[3][:, 0] * 2  # U has rank 3: its Gram matrix is singular
+    rm, rit = exact_cond_gl(4, 1e7 if dtype == torch.float64 else 1e3, 5)
+    us[4], vs[4] = symmetry.apply_gl(us[4], vs[4], rm, rit)
+    rm, rit = exact_cond_gl(4, 10.0, 6)  # accepted, but past one pass: CholeskyQR2
+    us[5], vs[5] = symmetry.apply_gl(us[5], vs[5], rm, rit)
+    return torch.stack(us).to(dtype), torch.stack(vs).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fast_path_taken_only_where_provably_accurate(dtype):
+    u, v = _mixed_batch(dtype)
+    lu, lv, _, _, ok, cd = symmetry._cholesky_pair(u, v)
+    assert ok.tolist() == [True, False, True, False, False, True]
+    assert cd == dtype and torch.isfinite(lu).all() and torch.isfinite(lv).all()
+    # on the accepted rows R = L^T is the QR's R up to row signs: R^T R == U^T U
+    for i in (0, 2, 5):
+        ru = torch.linalg.qr(u[i].double(), mode="r").R
+        torch.testing.assert_close(
+            (lu[i] @ lu[i].T).double(),
+            ru.T @ ru,
+            rtol=1e-5 if dtype == torch.float32 else 1e-12,
+            atol=0,
+        )
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_mixed_batch_equals_per_row_and_householder(dtype):
+    """Fast and fallback rows in one batch: each equals its own single call and the pure
+    Householder path (tolerance: float64 1e-12, float32 ~ 50 ulps of the largest entry)."""
+    u, v = _mixed_batch(dtype)
+    tol = 1e-12 if dtype == torch.float64 else 5e-6
+    s, (cu, cv) = symmetry.svals(u, v), symmetry.canonical(u, v)
+    hu, hv = symmetry._canonical_householder(u, v, dtype)
+    torch.testing.assert_close(cu, hu, atol=tol, rtol=0)
+    torch.testing.assert_close(cv, hv, atol=tol, rtol=0)
+    for i in range(u.shape[0]):
+        torch.testing.assert_close(symmetry.svals(u[i], v[i]), s[i], atol=tol, rtol=0)
+        ci = symmetry.canonical(u[i], v[i])
+        torch.testing.assert_close(ci[0], cu[i], atol=tol, rtol=0)
+        torch.testing.assert_close(ci[1], cv[i], atol=tol, rtol=0)
+        want = ref_svals(u[i].double(), v[i].double())
+        cond = 1e7 if dtype == torch.float64 else 1e3  # row 4 was mixed by an R this bad
+        atol = torch.finfo(dtype).eps * cond * 10 if i == 4 else tol * 10
+        torch.testing.assert_close(s[i].double(), want, atol=atol, rtol=0)
+    assert (cu[1, :, 3] == 0).all() and (cv[3, :, 3] == 0).all()  # fallback rows: exact zeros
+    # a half-precision out_dtype is one rounding of the same values, fast and fallback rows alike
+    bu, bv = symmetry.canonical(u, v, out_dtype=torch.bfloat16)
+    assert torch.equal(bu, cu.to(torch.bfloat16)) and torch.equal(bv, cv.to(torch.bfloat16))
+
+
+@SETTINGS
+@given(
+    dims=st.tuples(st.integers(4, 300), st.integers(4, 300), st.integers(1, 8)),
+    log_cond=st.floats(0.0, math.log(1e6)),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_fast_path_agrees_with_householder(dims, log_cond, seed):
+    """canonical's fast path against the Householder path it replaces, float64 and float32, from
+    orthogonal to cond(R) = 1e6 (where float32 must fall back and float64 takes CholeskyQR2)."""
+    n, m, r = dims
+    u, v = well_separated(n, m, min(r, n, m), seed)
+    rm, rit = exact_cond_gl(u.shape[-1], math.exp(log_cond), seed + 3)
+    u, v = symmetry.apply_gl(u, v, rm, rit)
+    scale = float(symmetry.svals(u, v)[0])
+    for dtype, rel in ((torch.float64, 1e-13), (torch.float32, 1e-5)):
+        ud, vd = u.to(dtype), v.to(dtype)
+        tol = rel * math.exp(log_cond) * max(scale, 1.0)
+        cu, cv = symmetry.canonical(ud, vd)
+        hu, hv = symmetry._canonical_householder(ud, vd, dtype)
+        torch.testing.assert_close(cu, hu, atol=tol * 100, rtol=0)
+        torch.testing.assert_close(cv, hv, atol=tol * 100, rtol=0)
+        # balanced: ||U'_j||^2 == ||V'_j||^2 == s_j, the (Householder) singular values
+        s = symmetry.svals(ud, vd)
+        torch.testing.assert_close(cu.square().sum(-2), s, atol=tol * 10, rtol=0)
+        torch.testing.assert_close(cv.square().sum(-2), s, atol=tol * 10, rtol=0)

@@ -129,3 +129,36 @@ def test_dtype_kept_or_cast(name):
     assert all(t.dtype == torch.bfloat16 for t in out.values())
     out = apply_view(name, u, v, ViewContext(indices=(0,), dtype=torch.float32))
     assert all(t.dtype == torch.float32 for t in out.values())
+
+
+@pytest.mark.parametrize("layout", ["stacked", "A-transposed views", "strided rows"])
+def test_batched_canonical_independent_of_batch_and_layout(layout):
+    """A LoRA's canonical/svals must not depend on its batch neighbours or on how the loader's
+    stack is strided. float32 with singular-value gaps of ~2% amplifies any last-bit difference
+    (e.g. a GEMM kernel chosen by layout) ~50x, so the tolerance is a few ulps of the output."""
+    g = torch.Generator().manual_seed(3)
+    us, vs = [], []
+    for _ in range(5):
+        x, _ = torch.linalg.qr(torch.randn(96, 4, generator=g, dtype=torch.float64))
+        y, _ = torch.linalg.qr(torch.randn(80, 4, generator=g, dtype=torch.float64))
+        s = torch.tensor([1.06, 1.04, 1.02, 1.0], dtype=torch.float64).sqrt()
+        mix, mix_it = symmetry.random_gl(4, generator=g, log_cond=1.0)
+        us.append(((x * s) @ mix).float())
+        vs.append(((y * s) @ mix_it).float())
+    if layout == "stacked":
+        ub, vb = torch.stack(us), torch.stack(vs)
+    elif layout == "A-transposed views":  # what the decoder hands over: V = A^T, strided rows
+        ub = torch.stack(us)
+        vb = torch.stack([v.T.contiguous() for v in vs]).mT
+    else:  # rows of a bigger buffer (batch stride != n * r)
+        buf = torch.zeros(5, 2000)
+        buf[:, : 96 * 4] = torch.stack(us).reshape(5, -1)
+        buf[:, 500 : 500 + 80 * 4] = torch.stack(vs).reshape(5, -1)
+        ub, vb = buf[:, : 96 * 4].view(5, 96, 4), buf[:, 500 : 500 + 80 * 4].view(5, 80, 4)
+    ctx = ViewContext(module="x", indices=tuple(range(5)))
+    for name, keys in (("canonical", ("U", "V")), ("svals", ("S",))):
+        batched = apply_view(name, ub, vb, ctx)
+        for i in (0, 3):
+            single = apply_view(name, us[i], vs[i], ViewContext(module="x", indices=(i,)))
+            for k in keys:
+                torch.testing.assert_close(batched[k][i], single[k], atol=5e-7, rtol=0, msg=name)
