@@ -105,6 +105,31 @@ def labels_to_batch(columns: dict[str, list[Any]]) -> dict[str, torch.Tensor | l
     return out
 
 
+def _arrow_labels(batch: Any, cols: Sequence[str]) -> dict[str, torch.Tensor | list[Any]]:
+    """``labels_to_batch`` of record batch columns without the Python round trip for plain
+    numeric columns (bool, signed / small unsigned ints, floats, no nulls): same dtypes and
+    values (float64 -> float32 rounds to nearest either way). Anything else takes the general
+    path."""
+    import pyarrow as pa
+
+    out: dict[str, torch.Tensor | list[Any]] = {}
+    for c in cols:
+        col = batch.column(c)
+        t = col.type
+        if len(col) and not col.null_count:
+            if pa.types.is_boolean(t):
+                out[c] = torch.from_numpy(col.to_numpy(zero_copy_only=False).astype(np.bool_))
+                continue
+            if pa.types.is_floating(t):
+                out[c] = torch.from_numpy(col.to_numpy().astype(np.float32))
+                continue
+            if pa.types.is_signed_integer(t) or t in (pa.uint8(), pa.uint16(), pa.uint32()):
+                out[c] = torch.from_numpy(col.to_numpy().astype(np.int64))
+                continue
+        out.update(labels_to_batch({c: col.to_pylist()}))
+    return out
+
+
 # ---- collate ---------------------------------------------------------------------------------
 Group = tuple[Sequence[int], dict[str, dict[str, Any]]]  # (batch rows, {module: {key: (g, ...)}})
 
@@ -112,6 +137,8 @@ Group = tuple[Sequence[int], dict[str, dict[str, Any]]]  # (batch rows, {module:
 def _merge(groups: list[Group], n: int, where: str = "batch") -> dict[str, dict[str, torch.Tensor]]:
     """Stacks of row groups -> one stack per module and key in batch-row order. Rank axes are
     zero-padded to the batch's max rank; ``mask`` (n, r) marks each LoRA's real columns."""
+    if len(groups) == 1 and len(groups[0][0]) == n:
+        return _merge_one(groups[0][1], n)
     pos = torch.as_tensor(np.concatenate([np.asarray(rows) for rows, _ in groups]))  # (n,)
     inv = None if torch.equal(pos, torch.arange(n)) else torch.argsort(pos)
     modules: dict[str, dict[str, torch.Tensor]] = {}
@@ -134,6 +161,25 @@ def _merge(groups: list[Group], n: int, where: str = "batch") -> dict[str, dict[
         ranks = torch.cat([torch.full((len(rows),), vw[name]["rank"]) for rows, vw in groups])
         ranks = ranks if inv is None else ranks[inv]
         out["mask"] = torch.arange(width)[None, :] < ranks[:, None]  # (n, r)
+        modules[name] = out
+    return modules
+
+
+def _merge_one(views: dict[str, dict[str, Any]], n: int) -> dict[str, dict[str, torch.Tensor]]:
+    """``_merge`` of the usual batch: one group holding every row (in order; rows are sorted),
+    one rank: nothing to reorder, pad or concatenate, only the masks to build."""
+    masks: dict[int, torch.Tensor] = {}
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for name, res in views.items():
+        rank = res["rank"]
+        out = {k: t for k, t in res.items() if k != "rank"}
+        width = rank  # _views reports the widest rank axis
+        for k, t in out.items():  # a view's narrower rank outputs (e.g. S): zero-pad as _merge
+            if k in RANK_KEYS and t.shape[-1] < width:
+                out[k] = F.pad(t, (0, width - t.shape[-1]))
+        if width not in masks:
+            masks[width] = torch.ones(width, dtype=torch.bool).expand(n, width)
+        out["mask"] = masks[width].contiguous()  # (n, r) all true, one tensor per module
         modules[name] = out
     return modules
 
@@ -262,6 +308,7 @@ class _ZooViews:
     def _views(self, fac: Factors, indices: Sequence[int]) -> dict[str, dict[str, Any]]:
         """Run the view on each selected module's (g, n, r) stack -> {name: {key: (g, ...)}}."""
         out: dict[str, dict[str, Any]] = {}
+        idx = tuple(int(i) for i in indices)  # once per group, not once per module
         for name, (u, v) in fac.items():  # already selected by the decoder  # (g, n, r), (g, m, r)
             template = None
             if self.template_id is not None:
@@ -275,7 +322,7 @@ class _ZooViews:
                 template = tf[name]
             ctx = ViewContext(
                 module=name,
-                indices=tuple(int(i) for i in indices),
+                indices=idx,
                 seed=self.seed,
                 epoch=self.epoch,
                 dtype=self.dtype,
@@ -283,8 +330,11 @@ class _ZooViews:
                 options=self.view_options,
             )
             res = apply_view(self.view, u, v, ctx)
-            widths = [t.shape[-1] for k, t in res.items() if k in RANK_KEYS]
-            res["rank"] = max([u.shape[-1], *widths])
+            rank = u.shape[-1]
+            for k, t in res.items():
+                if k in RANK_KEYS and t.shape[-1] > rank:
+                    rank = t.shape[-1]
+            res["rank"] = rank
             out[name] = res
         return out
 
@@ -396,7 +446,7 @@ class LoraIterableDataset(_ZooViews, IterableDataset):
 
     def _process(self, batch: Any, offset: int) -> Iterator[dict[str, Any]]:
         ids = batch.column("lora_id").to_pylist()
-        labels = {c: batch.column(c).to_pylist() for c in self.labels}
+        labels = {} if self.batch_size else {c: batch.column(c).to_pylist() for c in self.labels}
         groups = decode_weight_batch(
             batch.column("weights"),
             batch.column("adapter_config").to_pylist(),
@@ -418,5 +468,5 @@ class LoraIterableDataset(_ZooViews, IterableDataset):
             "lora_id": ids,
             "index": torch.arange(offset, offset + len(ids)),
             "modules": _merge(viewed, len(ids), self.where),
-            "labels": labels_to_batch(labels),
+            "labels": _arrow_labels(batch, self.labels),
         }

@@ -500,3 +500,70 @@ def test_real_reader_streaming_two_workers(real_zoo):
             w = mod["U"].shape[-1]  # a batch is padded to its own max rank
             torch.testing.assert_close(mod["U"], ref["modules"][name]["U"][b["index"]][..., :w])
             assert torch.equal(mod["mask"], ref["modules"][name]["mask"][b["index"]][:, :w])
+
+
+def test_arrow_labels_match_labels_to_batch():
+    """The Arrow fast path for numeric label columns gives what the Python path gives."""
+    from lora_zoo.loaders import _arrow_labels
+
+    batch = pa.record_batch(
+        {
+            "b": pa.array([True, False, True]),
+            "i8": pa.array([-3, 0, 127], pa.int8()),
+            "i64": pa.array([2**40, -1, 7], pa.int64()),
+            "u32": pa.array([0, 2**32 - 1, 5], pa.uint32()),
+            "f16": pa.array([0.1, -2.5, 65504.0], pa.float16()),
+            "f64": pa.array([0.1, 1e-40, 3.4e38 * 0.999], pa.float64()),  # rounding, subnormal
+            "null": pa.array([1.0, None, 2.0]),
+            "s": pa.array(["a", "b", "c"]),
+            "l": pa.array([[1, 2], [3, 4], [5, 6]]),
+        }
+    )
+    fast = _arrow_labels(batch, batch.schema.names)
+    slow = labels_to_batch({c: batch.column(c).to_pylist() for c in batch.schema.names})
+    assert list(fast) == list(slow)
+    for c, want in slow.items():
+        if isinstance(want, torch.Tensor):
+            assert fast[c].dtype == want.dtype and torch.equal(fast[c], want), c
+        else:
+            assert fast[c] == want, c
+
+
+def _reordered_header(data: bytes) -> bytes:
+    """The same safetensors file with its header keys in another order (as a HashMap writes)."""
+    n = int.from_bytes(data[:8], "little")
+    head = json.loads(data[8 : 8 + n])
+    flipped = json.dumps(dict(reversed(list(head.items()))), separators=(",", ":")).encode()
+    assert len(flipped) <= n and flipped != data[8 : 8 + n].rstrip()
+    return data[:8] + flipped.ljust(n) + data[8 + n :]
+
+
+def test_parsed_headers_cached_across_batches(monkeypatch):
+    """Each distinct header is parsed once per process; byte-different headers of one layout
+    still share one group; results equal the per-row safetensors read; a failing layout check
+    raises every time (nothing cached)."""
+    monkeypatch.setattr(decode_mod, "_LAYOUTS", {})
+    monkeypatch.setattr(decode_mod, "_INTERNED", {})
+    calls = []
+    parse = decode_mod._parse_header
+    monkeypatch.setattr(decode_mod, "_parse_header", lambda *a: calls.append(a[0]) or parse(*a))
+    recs = [make_record(i, 4, torch.bfloat16) for i in (0, 3, 6)]  # one config
+    raw = [r.to_safetensors_bytes() for r in recs]
+    rows = [raw[0], _reordered_header(raw[1]), raw[2]]
+    for _ in range(3):
+        for consume in (False, True):
+            ((got_rows, fac),) = decode_weight_batch(
+                pa.array(rows, pa.binary()), ids=["a", "b", "c"], consume=consume
+            )
+            assert got_rows.tolist() == [0, 1, 2]
+            for j, data in enumerate(raw):
+                for name, (u, v) in ref_factors_from_bytes(data).items():
+                    assert torch.equal(fac[name][0][j], u) and torch.equal(fac[name][1][j], v)
+        assert len(calls) == 2  # two header byte strings, parsed in the first batch only
+    from safetensors.torch import save
+
+    bare = save({f"m.lora_{k}.weight": torch.ones(2, 2) for k in "AB"})  # config: the column
+    bad_cfg = pa.array([bare] * 2, pa.binary())
+    for _ in range(2):
+        with pytest.raises(CorruptFileError, match="zoo:x: .*adapter config is not JSON"):
+            decode_weight_batch(bad_cfg, ["{not json", "{not json"], ids=["x", "y"])
