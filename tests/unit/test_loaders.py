@@ -550,6 +550,7 @@ def test_parsed_headers_cached_across_batches(monkeypatch):
     recs = [make_record(i, 4, torch.bfloat16) for i in (0, 3, 6)]  # one config
     raw = [r.to_safetensors_bytes() for r in recs]
     rows = [raw[0], _reordered_header(raw[1]), raw[2]]
+    heads = {r[: 8 + int.from_bytes(r[:8], "little")] for r in rows}
     for _ in range(3):
         for consume in (False, True):
             ((got_rows, fac),) = decode_weight_batch(
@@ -559,7 +560,9 @@ def test_parsed_headers_cached_across_batches(monkeypatch):
             for j, data in enumerate(raw):
                 for name, (u, v) in ref_factors_from_bytes(data).items():
                     assert torch.equal(fac[name][0][j], u) and torch.equal(fac[name][1][j], v)
-        assert len(calls) == 2  # two header byte strings, parsed in the first batch only
+        # each distinct header byte string parsed once, in the first batch only (safetensors
+        # writes metadata in HashMap order, so raw[0] and raw[2] may or may not share bytes)
+        assert len(calls) == len(heads) >= 2
     from safetensors.torch import save
 
     bare = save({f"m.lora_{k}.weight": torch.ones(2, 2) for k in "AB"})  # config: the column
