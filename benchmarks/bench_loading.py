@@ -72,56 +72,22 @@ def make_records(n: int, dtype: torch.dtype, modules=QWEN, rank: int = 4) -> lis
 
 
 def write_zoo(root: Path, recs: list[LoraRecord]):
-    """A zoo via lora_zoo.writer when it exists; else the documented columns in one Parquet file
-    (reported in the output, so numbers from the two paths are never confused)."""
-    try:
-        from lora_zoo.reader import load_zoo
-        from lora_zoo.writer import ZooWriter
-    except ImportError:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+    """The zoo through lora_zoo's writer; returns (split, shard files, write s, verify s)."""
+    from lora_zoo.manifest import verify
+    from lora_zoo.reader import load_zoo
+    from lora_zoo.writer import ZooWriter
 
-        (root / "data").mkdir(parents=True)
-        path = root / "data" / "train-00000.parquet"
-        pq.write_table(
-            pa.table(
-                {
-                    "lora_id": [r.lora_id for r in recs],
-                    "weights": pa.array([r.to_safetensors_bytes() for r in recs], pa.binary()),
-                    "adapter_config": [json.dumps(r.config) for r in recs],
-                    "score": [float(i) for i in range(len(recs))],
-                }
-            ),
-            path,
-            row_group_size=64,
-        )
-        return _ParquetSplit(path), [str(path)], "plain Parquet (lora_zoo.reader not available)"
+    t0 = time.perf_counter()
     w = ZooWriter(root)
     for i, r in enumerate(recs):
         w.add(r, lora_id=r.lora_id, labels={"score": float(i)}, base_model="Qwen/Qwen2-0.5B")
     w.close()
+    t_write = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    assert verify(root) == []  # sha256 of every shard + row counts + schema
+    t_verify = time.perf_counter() - t0
     files = sorted(str(p) for p in (root / "data").glob("*.parquet"))
-    return load_zoo(root)["train"], files, "lora_zoo.writer / reader"
-
-
-class _ParquetSplit:
-    """Just the ZooSplit calls the streaming loader makes, over one Parquet file."""
-
-    label_columns, metadata_columns = ["score"], []
-
-    def __init__(self, path: Path) -> None:
-        import pyarrow.parquet as pq
-
-        self.root, self._pq = str(path), pq
-        self.ids = pq.read_table(path, columns=["lora_id"]).column("lora_id").to_pylist()
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def iter_batches(self, columns=None, batch_size=1000):
-        yield from self._pq.ParquetFile(self.root).iter_batches(
-            batch_size=batch_size, columns=columns
-        )
+    return load_zoo(root)["train"], files, t_write, t_verify
 
 
 def timed(fn, repeat: int = 1) -> float:
@@ -215,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
         (d / "adapter_model.safetensors").write_bytes(r.to_safetensors_bytes())
         (d / "adapter_config.json").write_text(json.dumps(r.config))
         dirs.append(d)
-    split, files, how = write_zoo(tmp / "zoo", recs)
+    split, files, t_write, t_verify = write_zoo(tmp / "zoo", recs)
     rows: list[tuple[str, float]] = []
 
     def read_files() -> None:
@@ -277,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(
         f"# bench_loading: {args.n} LoRAs {args.preset} ({len(modules)} modules, r=4, "
-        f"{args.dtype}), {mb / args.n:.3f} MB/LoRA, device={dev}, zoo: {how}, "
+        f"{args.dtype}), {mb / args.n:.3f} MB/LoRA, device={dev}, "
         f"torch threads={torch.get_num_threads()}, workers={args.workers}; best of 3"
     )
     print(f"{'path':<56} {'seconds':>8} {'LoRAs/s':>9} {'MB/s':>8} {'vs (a)':>7}")
@@ -287,6 +253,10 @@ def main(argv: list[str] | None = None) -> None:
     for name, t in floors:
         print(f"{name:<56} {t:>8.3f} {args.n / t:>9.0f} {mb / t:>8.0f} {ta / t:>6.1f}x")
     print(f"ratio (c)/(a) = {ta / rows[2][1]:.1f}x (target >= 10x)")
+    print(
+        f"zoo write (ZooWriter.add x {args.n} + close): {t_write:.2f} s, {mb / t_write:.0f} MB/s; "
+        f"verify (sha256 + rows + schema): {t_verify:.2f} s, {mb / t_verify:.0f} MB/s"
+    )
     if args.skip_svd:
         return
     print(
