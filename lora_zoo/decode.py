@@ -11,13 +11,12 @@ use it without any torch ``Dataset``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import re
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -25,6 +24,7 @@ import torch
 
 from lora_zoo.errors import CorruptFileError, MissingPairError, NonFiniteError, ShapeMismatchError
 from lora_zoo.record import peft_rank_alpha_scale
+from lora_zoo.threads import single_threaded
 
 logger = logging.getLogger(__name__)
 
@@ -185,7 +185,7 @@ def decode_weight_batch(
             )
         cfg = None if configs is None else configs[i]
         groups.setdefault(parse(data[start + 8 : start + 8 + n].tobytes(), cfg, i), []).append(i)
-    with _serial():
+    with single_threaded():
         out = []
         for lay, rows in groups.items():
             rows = np.asarray(rows, dtype=np.int64)  # (g,)
@@ -235,24 +235,6 @@ def _group_same_length(
     for lay, rows in found:  # byte-different headers of one layout: one group, rows in order
         groups[lay] = np.sort(np.concatenate([groups[lay], rows])) if lay in groups else rows
     return groups
-
-
-@contextlib.contextmanager
-def _serial() -> Iterator[None]:
-    """Run the decode's torch ops on the calling thread only. They are memory-bound, and an
-    intra-op parallel kernel on cores shared with anything else (the training step, other
-    processes) stalls on its OpenMP barrier: measured 2-10x slower on 2 busy cores, no faster on
-    idle ones. DataLoader workers already run with one thread; this covers ``num_workers=0``.
-    Toggling costs well under a microsecond."""
-    n = torch.get_num_threads()
-    if n == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def _plan(

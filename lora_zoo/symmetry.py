@@ -6,7 +6,7 @@ degrees of freedom per module. Everything here works on the thin factors only: o
 factor (O((n + m) r^2); ``canonical`` gets it from the r x r Gram matrix by Cholesky QR where that
 is provably as accurate, Householder otherwise) plus one r x r SVD, never a dense n x m matrix,
 because dense SVDs of Stable-Diffusion / LLM sized modules are 100-1000x slower and need n*m
-memory. ``svals`` / ``canonical`` run single-threaded (see ``_serial``).
+memory. ``svals`` / ``canonical`` run single-threaded (see ``threads.single_threaded``).
 
 All functions accept arbitrary leading batch dimensions, ``U (..., n, r)``, ``V (..., m, r)``,
 so a whole batch of LoRAs (same module shape) is processed by one batched LAPACK call.
@@ -18,12 +18,12 @@ inputs are upcast; LAPACK has no half kernels); results are cast back to the inp
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
+
+from lora_zoo.threads import single_threaded
 
 __all__ = [
     "SmallSVD",
@@ -95,13 +95,13 @@ def svals(
 
     GL(r)-invariant exactly (up to floating point): they are a function of ΔW alone.
 
-    Householder R factors only (no Q), single-threaded (see ``_serial``). The Cholesky-QR path
-    that ``canonical`` uses was measured no faster here: without Q to form, LAPACK's R-only QR
+    Householder R factors only (no Q), single-threaded (see ``threads.single_threaded``). The
+    Cholesky-QR path that ``canonical`` uses was measured no faster here: without Q to form, LAPACK's R-only QR
     costs about what the Gram route's (n, r) -> (r, n) transpose copy does.
     """
     _check_pair(u, v)
     cd = compute_dtype_for(u.dtype)
-    with _serial():
+    with single_threaded():
         ru = torch.linalg.qr(u.to(cd), mode="r").R  # (..., k, r): Q is never formed for svals
         rv = torch.linalg.qr(v.to(cd), mode="r").R  # (..., l, r)
         s = torch.linalg.svdvals(ru @ rv.transpose(-1, -2))  # (..., min(k, l))
@@ -146,7 +146,7 @@ def canonical(
     _check_pair(u, v)
     n, m, r = u.shape[-2], v.shape[-2], u.shape[-1]
     od = out_dtype or u.dtype
-    with _serial():
+    with single_threaded():
         fast = _cholesky_pair(u, v)
         if fast is None:
             uc, vc = _canonical_householder(u, v, compute_dtype_for(u.dtype))
@@ -200,23 +200,6 @@ def _canonical_householder(
 # ETNA 44, 2015). Rows whose Gram matrix fails that test (an upper bound on cond(G) =
 # ||G||_F ||L^-1||_F^2 is checked, never an estimate from below), fail to factor, or are
 # rank-deficient fall back to Householder QR, row by row.
-
-
-@contextlib.contextmanager
-def _serial() -> Iterator[None]:
-    """Run on the calling thread only: these are many tiny LAPACK/GEMM calls, and an intra-op
-    parallel region on 2 busy cores stalls on its OpenMP barrier. Measured, 256 Qwen2-0.5B-sized
-    LoRAs through the loader with one of 2 cores busy: canonical 1.10 s -> 0.23 s, svals
-    0.37 s -> 0.14 s; on idle cores 2 threads were ~10% faster for svals. Same as decode._serial."""
-    n = torch.get_num_threads()
-    if n == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
