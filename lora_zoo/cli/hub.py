@@ -95,6 +95,7 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
+    from lora_zoo.cli.zoo import report_problems
     from lora_zoo.manifest import verify
     from lora_zoo.remote import pull
 
@@ -105,14 +106,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=not args.no_progress,
     )
-    problems = verify(dest)
-    if problems:
-        print(f"{dest}: {len(problems)} problem(s)")
-        for p in problems:
-            print(f"  - {p}")
-        return 1
-    print(f"pulled {args.source} into {dest}: OK")
-    return 0
+    return report_problems(dest, verify(dest), ok=f"pulled {args.source} into {dest}: OK")
 
 
 def cmd_card(args: argparse.Namespace) -> int:

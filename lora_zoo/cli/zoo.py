@@ -111,12 +111,17 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from lora_zoo.remote import verify_source
 
     problems = verify_source(args.zoo, args.revision, hashes=not args.no_hash)
+    return report_problems(args.zoo, problems, ok=f"{args.zoo}: OK")
+
+
+def report_problems(where: object, problems: list[str], *, ok: str) -> int:
+    """Print ``verify`` findings (or ``ok``); the exit code every verifying verb returns."""
     if problems:
-        print(f"{args.zoo}: {len(problems)} problem(s)")
+        print(f"{where}: {len(problems)} problem(s)")
         for p in problems:
             print(f"  - {p}")
         return 1
-    print(f"{args.zoo}: OK")
+    print(ok)
     return 0
 
 
