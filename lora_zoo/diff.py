@@ -46,6 +46,8 @@ class DiffReport:
     differences: list[Difference] = field(default_factory=list)
     max_abs_weights: float = 0.0
     max_abs_labels: float = 0.0
+    env_a: dict[str, Any] | None = None  # info.provenance.environment of each zoo
+    env_b: dict[str, Any] | None = None
 
     @property
     def equal(self) -> bool:
@@ -194,6 +196,8 @@ def diff_zoos(
     za = a if isinstance(a, Zoo) else load_zoo(a, revision=revision_a)
     zb = b if isinstance(b, Zoo) else load_zoo(b, revision=revision_b)
     rep = DiffReport(str(za.source), str(zb.source), atol, rtol)
+    rep.env_a = (za.info.get("provenance") or {}).get("environment")
+    rep.env_b = (zb.info.get("provenance") or {}).get("environment")
     diffs = rep.differences
     cols_a = {c["name"]: c for c in za.manifest["columns"]}
     cols_b = {c["name"]: c for c in zb.manifest["columns"]}

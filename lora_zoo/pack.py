@@ -88,7 +88,7 @@ def pack(
     import torch
     from tqdm.auto import tqdm
 
-    from lora_zoo import provenance
+    from lora_zoo import env, provenance
     from lora_zoo.recipe import OutputSpec
     from lora_zoo.schema import flatten
     from lora_zoo.writer import ZooWriter
@@ -215,7 +215,7 @@ def pack(
         ]
         walls = {jobs[i].lora_id: states[i].wall_time_s or 0.0 for i in done}
         binfo = metas[0]["builder"]
-        dev = device or ("cuda" if provenance.gpu_names() else "cpu")
+        dev = device or ("cuda" if env.gpu_names() else "cpu")
         w.set_info(
             recipe=(wds[0].root / "recipe.orig.yaml").read_text(encoding="utf-8"),
             recipe_resolved=resolved,
@@ -229,7 +229,7 @@ def pack(
                 "failed": failed,
                 "shards": sorted({tuple(m["shard"]) for m in metas if m["shard"]}),
             },
-            provenance=provenance.collect(binfo, walls, dev),
+            provenance=(prov := provenance.collect(binfo, walls, dev)),
         )
     except BaseException:
         w.abort()
@@ -238,6 +238,11 @@ def pack(
     _atomic_write(root / "recipe.yaml", yaml.safe_dump(resolved, sort_keys=False).encode())
     _atomic_write(
         root / "jobs.jsonl", planlib.jobs_to_jsonl([jobs[i] for i in sorted(jobs)]).encode()
+    )
+    # the environment as a file pip can install (the manifest's provenance holds the same data)
+    _atomic_write(
+        root / env.REQUIREMENTS_NAME,
+        env.requirements_text(prov["environment"], source=str(root.name)).encode(),
     )
     try:
         from lora_zoo.cards import write_card

@@ -11,12 +11,12 @@ from __future__ import annotations
 import importlib.metadata as md
 import logging
 import os
-import platform
 import subprocess
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from lora_zoo import env
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ LIBRARIES = (
 
 
 def library_versions(names: Sequence[str] = LIBRARIES) -> dict[str, str | None]:
-    """Installed versions (None for a library that is not installed)."""
+    """Installed versions of the libraries a reader looks for first (None: not installed)."""
     out: dict[str, str | None] = {}
     for n in names:
         try:
@@ -44,29 +44,6 @@ def library_versions(names: Sequence[str] = LIBRARIES) -> dict[str, str | None]:
         except md.PackageNotFoundError:
             out[n] = None
     return out
-
-
-def cpu_name() -> str:
-    """The CPU model name (``/proc/cpuinfo`` on Linux; ``platform.processor()`` elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def gpu_names() -> list[str]:
-    """Names of visible CUDA devices (empty without torch / CUDA)."""
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    except Exception as e:  # a broken driver must not break a build's bookkeeping
-        log.debug("no GPU info: %s", e)
-    return []
 
 
 def git_commit(path: str | os.PathLike[str] | None = None) -> dict[str, Any] | None:
@@ -93,24 +70,9 @@ def git_commit(path: str | os.PathLike[str] | None = None) -> dict[str, Any] | N
 
 
 def environment() -> dict[str, Any]:
-    """Versions, interpreter, OS and hardware of this process."""
-    try:
-        import torch
-
-        threads = torch.get_num_threads()
-    except ImportError:  # pragma: no cover
-        threads = None
-    return {
-        "libraries": library_versions(),
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "cpu": cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": threads,
-        "gpus": gpu_names(),
-        "lora_zoo_git": git_commit(),
-    }
+    """Versions, interpreter, OS, hardware, BLAS and every installed distribution of this
+    process (``env.capture``), plus the short library table and the lora-zoo git commit."""
+    return {**env.capture(), "libraries": library_versions(), "lora_zoo_git": git_commit()}
 
 
 def timing_summary(wall_times: Mapping[str, float], device: str) -> dict[str, Any]:

@@ -25,6 +25,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose + 1, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if getattr(args, "needs_stack", False):
+        # a transformers/peft pair that transformers refuses fails deep inside a run: say it now
+        from lora_zoo.env import stack_problems
+
+        problems = stack_problems()
+        for line in problems:
+            print(f"error: {line}", file=sys.stderr)
+        if problems:
+            return 2
     try:
         return int(args.func(args) or 0)
     except Exception as e:  # named errors become one clean line, exit 1

@@ -48,7 +48,7 @@ def register(sub: Any) -> None:
     p.add_argument("--limit", type=int, default=None, help="first N jobs only (smoke runs)")
     p.add_argument("--no-pack", action="store_true", help="train only; pack later")
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=cmd_build)
+    p.set_defaults(func=cmd_build, needs_stack=True)
 
     p = sub.add_parser("pack", help="merge finished LoRAs of build/shard dirs into one zoo")
     p.add_argument("dirs", nargs="+", help="build OUT dirs or their .build* work dirs")

@@ -60,7 +60,7 @@ def register(sub: Any) -> None:
         help="keep Hub downloads here (default: a temporary folder under $LORA_ZOO_CACHE, removed)",
     )
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
-    p.set_defaults(func=cmd_ingest)
+    p.set_defaults(func=cmd_ingest, needs_stack=True)
 
     p = sub.add_parser("merge", help="combine zoos into one with a collection column")
     p.add_argument("zoos", nargs="+", metavar="ZOO")
@@ -71,7 +71,7 @@ def register(sub: Any) -> None:
         action="store_true",
         help="allow different base models: one config (sub-zoo) per base model",
     )
-    p.set_defaults(func=cmd_merge)
+    p.set_defaults(func=cmd_merge, needs_stack=True)
 
     p = sub.add_parser("export", help="write one LoRA of a zoo as a PEFT / diffusers / kohya file")
     p.add_argument("zoo")
@@ -79,7 +79,7 @@ def register(sub: Any) -> None:
     p.add_argument("--format", required=True, choices=("peft", "diffusers", "kohya"))
     p.add_argument("--out", required=True)
     p.add_argument("--revision", default=None)
-    p.set_defaults(func=cmd_export)
+    p.set_defaults(func=cmd_export, needs_stack=True)
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:

@@ -27,7 +27,7 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--folds", type=int, default=5, help="cross-validation folds of the probe")
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=cmd_demo)
+    p.set_defaults(func=cmd_demo, needs_stack=True)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -53,7 +53,7 @@ def register(sub: Any) -> None:
     p.add_argument("--force", action="store_true", help="rebuild despite a builder VERSION change")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=cmd_rebuild)
+    p.set_defaults(func=cmd_rebuild, needs_stack=True)
 
     p = sub.add_parser("diff", help="compare two zoos; exit 1 when they differ")
     p.add_argument("a", help="zoo folder, Hub repo id or fsspec URL")
@@ -129,6 +129,7 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
         from lora_zoo.reader import load_zoo
 
         source = load_zoo(args.source, revision=args.revision).root
+    _print_drift(source, args.revision)
     res = rebuild_from_zoo(
         source, args.out, only, force=args.force, device=args.device, progress=not args.no_progress
     )
@@ -138,11 +139,27 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
+    from lora_zoo import env
     from lora_zoo.diff import diff_zoos
 
     rep = diff_zoos(args.a, args.b, atol=args.atol, rtol=args.rtol, subset=args.subset)
+    rows = env.drift(rep.env_a, rep.env_b)
     if args.json:
-        print(json.dumps(rep.to_dict(), indent=1))
+        d = rep.to_dict()
+        d["environment_drift"] = [r.__dict__ for r in rows]
+        d["bit_identical_expected"] = env.bit_identical_expected(rows)
+        print(json.dumps(d, indent=1))
     else:
+        print(env.format_drift(rows, left="A", right="B"))
         print(rep.format(max_lines=args.max_lines))
     return 0 if rep.equal else 1
+
+
+def _print_drift(source: str, revision: str | None) -> None:
+    """Before a rebuild: what differs from the environment the zoo was built in."""
+    from lora_zoo import env
+    from lora_zoo.reader import load_zoo
+
+    info = load_zoo(source, revision=revision).info
+    stored = (info.get("provenance") or {}).get("environment")
+    print(env.format_drift(env.drift(stored, env.capture())))

@@ -1,4 +1,4 @@
-"""CLI verbs on a zoo folder: ``info``, ``verify``, ``split``."""
+"""CLI verbs on a zoo folder: ``info``, ``verify``, ``split``, ``env``."""
 
 from __future__ import annotations
 
@@ -35,6 +35,13 @@ def register(sub: Any) -> None:
     p.add_argument("--fractions", default="train=0.8,test=0.2")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_split)
+
+    p = sub.add_parser("env", help="the environment a zoo was built in, and how to recreate it")
+    p.add_argument("zoo", help="zoo folder, Hub repo id or fsspec URL")
+    p.add_argument("--revision", default=None)
+    p.add_argument("--write", default=None, metavar="FILE", help="write its requirements file")
+    p.add_argument("--print", dest="show", action="store_true", help="print the requirements")
+    p.set_defaults(func=cmd_env)
 
 
 def _header(data: bytes) -> dict[str, Any]:
@@ -139,4 +146,50 @@ def cmd_split(args: argparse.Namespace) -> int:
     )
     sizes = ", ".join(f"{s}={len(v)}" for s, v in assign.items())
     print(f"stored split {args.name!r} ({args.kind}): {sizes}")
+    return 0
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from lora_zoo import env
+    from lora_zoo.errors import ZooFormatError
+    from lora_zoo.reader import load_zoo
+
+    zoo = load_zoo(args.zoo, revision=args.revision)
+    stored = (zoo.info.get("provenance") or {}).get("environment")
+    if not stored:
+        raise ZooFormatError(
+            "the zoo records no build environment (ingested or merged zoos have none)",
+            file=str(zoo.source),
+            key="info.provenance.environment",
+        )
+    text = env.requirements_text(stored, source=str(zoo.source))
+    if args.show:
+        print(text, end="")
+        return 0
+    b = stored.get("blas") or {}
+    print(
+        f"built with Python {stored.get('python')} on {stored.get('machine')}; CPU "
+        f"{stored.get('cpu')} ({stored.get('cpu_count')} cores, {stored.get('torch_threads')} "
+        f"torch threads); GPUs {', '.join(stored.get('gpus') or []) or 'none'}; BLAS torch "
+        f"{b.get('torch_blas_info')} / numpy {b.get('numpy_blas')}; "
+        f"{len(stored.get('distributions') or {})} distributions"
+    )
+    print(env.format_drift(env.drift(stored, env.capture())))
+    if args.write:
+        Path(args.write).write_text(text, encoding="utf-8")
+        req = args.write
+    else:
+        protocol = getattr(zoo.fs, "protocol", ())
+        is_local = "file" in (protocol if isinstance(protocol, tuple) else (protocol,))
+        local = Path(str(zoo.root)) / env.REQUIREMENTS_NAME
+        req = str(local) if is_local and local.is_file() else None
+    py = ".".join(str(stored.get("python", "3")).split(".")[:2])
+    if req is None:
+        print(f"recreate it: lora-zoo env {args.zoo} --write requirements.txt, then")
+        req = "requirements.txt"
+    else:
+        print("recreate it:")
+    print(f"  python{py} -m venv zoo-env && . zoo-env/bin/activate && pip install -r {req}")
     return 0

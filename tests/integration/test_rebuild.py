@@ -44,6 +44,37 @@ def test_full_rebuild_is_identical(built, tmp_path, capsys):
     assert main(["diff", str(built), str(tmp_path / "again")]) == 0
 
 
+def test_built_zoo_names_its_environment_and_rebuild_shows_drift(built, tmp_path, capsys):
+    """The zoo carries every installed distribution (manifest + requirements.txt); a rebuild in
+    another environment prints the drift table and says bit-identical bytes are not expected."""
+    from lora_zoo import env
+
+    stored = load_zoo(built).info["provenance"]["environment"]
+    assert stored["distributions"] == env.distributions()
+    req = (built / env.REQUIREMENTS_NAME).read_text()
+    assert f"torch=={stored['distributions']['torch']}" in req.splitlines()
+    assert main(["env", str(built)]) == 0
+    out = capsys.readouterr().out
+    assert "bit-identical output expected" in out and f"pip install -r {built}" in out
+    # the same zoo as if built elsewhere: another torch and another CPU
+    moved = tmp_path / "moved"
+    shutil.copytree(built, moved)
+    import fsspec
+
+    m = read_manifest(fsspec.filesystem("file"), str(moved))
+    m["info"]["provenance"]["environment"]["distributions"]["torch"] = "2.0.0"
+    m["info"]["provenance"]["environment"]["cpu"] = "Another CPU"
+    write_manifest(moved, m)
+    register()
+    assert main(["rebuild", str(moved), "--out", str(tmp_path / "re"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "environment drift" in out and "2.0.0" in out and "Another CPU" in out
+    assert "not identical bytes" in out
+    assert main(["diff", str(moved), str(tmp_path / "re")]) == 0  # same LoRAs, drift reported
+    out = capsys.readouterr().out
+    assert "environment drift" in out and "no differences" in out
+
+
 def test_only_subset_rebuild(built, tmp_path):
     register()
     ids = load_zoo(built)["train"].ids[:2]

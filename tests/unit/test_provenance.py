@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from lora_zoo import provenance
+from lora_zoo import env, provenance
 
 
 def test_library_versions_match_metadata():
@@ -22,13 +22,16 @@ def test_environment_is_json_and_describes_this_machine():
     import os
     import platform
 
-    env = provenance.environment()
-    json.dumps(env)  # stored in the zoo's info
-    assert env["cpu_count"] == os.cpu_count() and env["machine"] == platform.machine()
-    assert env["python"] == platform.python_version()
-    assert env["cpu"]
-    assert env["gpus"] == provenance.gpu_names()
-    assert isinstance(env["torch_threads"], int) and env["torch_threads"] >= 1
+    e = provenance.environment()
+    json.dumps(e)  # stored in the zoo's info
+    assert e["cpu_count"] == os.cpu_count() and e["machine"] == platform.machine()
+    assert e["python"] == platform.python_version()
+    assert e["cpu"]
+    assert e["gpus"] == env.gpu_names()
+    assert isinstance(e["torch_threads"], int) and e["torch_threads"] >= 1
+    # the full set of installed distributions, not a hand-picked list
+    assert e["distributions"]["pytest"] == md.version("pytest")
+    assert len(e["distributions"]) == len({d.metadata["Name"].lower() for d in md.distributions()})
 
 
 def test_git_commit(tmp_path):

@@ -1,0 +1,84 @@
+"""requirements.lock agrees with pyproject.toml and with what is installed.
+
+Why: CI and the README install from the lock (``pip install -c requirements.lock``). A dependency
+added to pyproject.toml but not to the lock would be resolved afresh on every machine (the way
+main went red when transformers 5.24 appeared), and a pin outside a declared range would install
+a combination a library user can never get. Refresh with the command in CONTRIBUTING.md.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import tomllib
+from packaging.requirements import Requirement
+from packaging.version import Version
+
+ROOT = Path(__file__).resolve().parents[1]
+LOCK = ROOT / "requirements.lock"
+UNPINNED_OK = {"lora-zoo"}  # the project itself, installed editable
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _lock() -> dict[str, Version]:
+    pins: dict[str, Version] = {}
+    for n, line in enumerate(LOCK.read_text().splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line or line.startswith("-"):
+            continue
+        req = Requirement(line)
+        specs = list(req.specifier)
+        assert len(specs) == 1 and specs[0].operator == "==", f"{LOCK.name}:{n}: not a pin"
+        pins[_norm(req.name)] = Version(specs[0].version)
+    return pins
+
+
+def _declared() -> list[Requirement]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    reqs = list(project["dependencies"])
+    for extra in project.get("optional-dependencies", {}).values():
+        reqs += extra
+    return [Requirement(r) for r in reqs]
+
+
+def test_every_declared_dependency_is_pinned_inside_its_range():
+    pins = _lock()
+    problems = []
+    for req in _declared():
+        got = pins.get(_norm(req.name))
+        if got is None:
+            problems.append(f"{req.name}: in pyproject.toml, not in {LOCK.name}")
+        elif not req.specifier.contains(got, prereleases=True):
+            problems.append(f"{req.name}: {LOCK.name} pins {got}, pyproject.toml says {req}")
+    assert not problems, "\n".join(problems)
+
+
+def test_torch_is_the_cpu_build_and_nothing_pulls_cuda():
+    pins = _lock()
+    assert str(pins["torch"]).endswith("+cpu")
+    assert not [n for n in pins if n.startswith("nvidia-")]
+
+
+@pytest.mark.skipif(
+    Path(sys.prefix).resolve() != (ROOT / ".venv").resolve(),
+    reason="only in the venv the README's commands create (a dev env may hold more tools)",
+)
+def test_everything_installed_is_pinned_in_the_lock():
+    pins = _lock()
+    extra = []
+    for d in md.distributions():
+        name = _norm(d.metadata["Name"])
+        if name in UNPINNED_OK:
+            continue
+        if name not in pins:
+            extra.append(f"{name}=={d.version}: installed, not in {LOCK.name}")
+        elif Version(d.version) != pins[name]:
+            extra.append(f"{name}: installed {d.version}, {LOCK.name} pins {pins[name]}")
+    assert not extra, "\n".join(extra)
