@@ -187,12 +187,12 @@ def run_resident(args: argparse.Namespace, model_dir: Path, out: Path, n: int) -
 
 # ---- (c): the engine ----------------------------------------------------------------------------
 def run_engine(args: argparse.Namespace, model_dir: Path, out: Path, n: int, k: int) -> float:
+    from lora_zoo.builders.causal_lm.losses import causal_lm_losses
     from lora_zoo.engine import (
         LoraSpec,
         MultiLoraModel,
         MultiLoraTrainer,
         TrainHParams,
-        causal_lm_losses,
         stack_rows,
     )
 

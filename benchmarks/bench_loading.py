@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from lora_zoo import symmetry
+from lora_zoo.load import symmetry
 from lora_zoo.record import LoraModule, LoraRecord
 
 QWEN = [
@@ -73,9 +73,9 @@ def make_records(n: int, dtype: torch.dtype, modules=QWEN, rank: int = 4) -> lis
 
 def write_zoo(root: Path, recs: list[LoraRecord]):
     """The zoo through lora_zoo's writer; returns (split, shard files, write s, verify s)."""
-    from lora_zoo.manifest import verify
-    from lora_zoo.reader import load_zoo
-    from lora_zoo.writer import ZooWriter
+    from lora_zoo.load.source import load_zoo
+    from lora_zoo.zoo.manifest import verify
+    from lora_zoo.zoo.writer import ZooWriter
 
     t0 = time.perf_counter()
     w = ZooWriter(root)
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     from safetensors.torch import load_file
     from torch.utils.data import DataLoader
 
-    from lora_zoo.loaders import LoraIterableDataset
+    from lora_zoo.load.datasets import LoraIterableDataset
 
     dev, dtype, modules = args.device, getattr(torch, args.dtype), PRESETS[args.preset]
     tmp = Path(tempfile.mkdtemp(prefix="bench_loading_"))

@@ -24,11 +24,11 @@ import time
 
 import torch
 
-from lora_zoo.builder_api import JobSpec
-from lora_zoo.builders.t2i_eval import generate_grouped
-from lora_zoo.builders.t2i_pipeline import make_sampler, training_scheduler
-from lora_zoo.builders.t2i_train import LoraStream, autocast_ctx, diffusion_target
+from lora_zoo.build.api import JobSpec
 from lora_zoo.builders.text_to_image import Config, TextToImageBuilder
+from lora_zoo.builders.text_to_image.eval import generate_grouped
+from lora_zoo.builders.text_to_image.pipeline import make_sampler, training_scheduler
+from lora_zoo.builders.text_to_image.train import LoraStream, autocast_ctx, diffusion_target
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -105,7 +105,7 @@ def peft_one(b: TextToImageBuilder, job: JobSpec, device: str) -> tuple[float, f
         scaling_factor=pipe.vae.config.scaling_factor,
         num_train_timesteps=sched.config.num_train_timesteps,
     )
-    from lora_zoo.builders.t2i_eval import encode_prompts
+    from lora_zoo.builders.text_to_image.eval import encode_prompts
 
     text = encode_prompts(pipe, ["sks"])
     for _ in range(cfg.train.steps):

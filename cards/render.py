@@ -3,7 +3,7 @@
 Why: the card is what people read before trusting a zoo, and its YAML header is what the Hub
 and ``datasets.load_dataset`` read to find the data. So the header is built as a Python dict
 and dumped with ``yaml.safe_dump`` (never templated text, which breaks on a stray colon), and
-it keeps exactly the ``configs:`` that ``schema.configs_header`` produces from the manifest
+it keeps exactly the ``configs:`` that ``zoo.card_min.configs_header`` produces from the manifest
 (``verify`` checks the two agree). Everything in the body is derived from the manifest and
 the Parquet columns (recipe, provenance, label statistics), so re-rendering is deterministic.
 """
@@ -23,7 +23,8 @@ import numpy as np
 import yaml
 
 from lora_zoo.errors import ZooFormatError
-from lora_zoo.schema import README_NAME, configs_header
+from lora_zoo.zoo.card_min import configs_header
+from lora_zoo.zoo.schema import README_NAME
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ def describe_column(col: dict[str, Any], info: dict[str, Any]) -> str:
     if name in CORE_DESCRIPTIONS:
         return CORE_DESCRIPTIONS[name]
     if name.startswith("hp."):
-        return "hyperparameter varied by the recipe (`vary:`)"
+        return "training hyperparameter (varied by the recipe's `vary:` or the builder's resolved default)"
     if name.startswith("seed."):
         return f"seed of the `{name[5:]}` random stream (derived from the recipe seed)"
     known = {
@@ -386,7 +387,8 @@ def render_card(
     repo_id: str | None = None,
 ) -> str:
     """The card's text for a zoo (a Zoo object or anything ``load_zoo`` opens)."""
-    from lora_zoo.reader import Zoo, load_zoo
+    from lora_zoo.load.source import load_zoo
+    from lora_zoo.zoo.reader import Zoo
 
     zoo = root_or_zoo if isinstance(root_or_zoo, Zoo) else load_zoo(root_or_zoo)
     if plots is None and zoo.is_local:  # link plots already drawn next to the card
@@ -405,14 +407,14 @@ def write_card(
     repo_id: str | None = None,
 ) -> Path:
     """Draw the plots into ``root/plots`` and write ``root/README.md`` atomically."""
-    from lora_zoo.manifest import atomic_write_bytes
-    from lora_zoo.reader import load_zoo
+    from lora_zoo._io import atomic_write_bytes
+    from lora_zoo.load.source import load_zoo
 
     root = Path(root)
     zoo = load_zoo(root)
     made: dict[str, str] = {}
     if plots:
-        from lora_zoo.plots import make_plots
+        from lora_zoo.cards.plots import make_plots
 
         made = make_plots(zoo, root / "plots")
     text = render_card(zoo, plots=made, template=template, repo_id=repo_id)

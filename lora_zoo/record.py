@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from lora_zoo._io import natural_key
 from lora_zoo.errors import (
     CorruptFileError,
     MissingPairError,
@@ -37,6 +38,9 @@ _UNSUPPORTED_CONFIG = {
     "modules_to_save": (None, [], ()),
     "trainable_token_indices": (None, {}, []),
 }
+
+# a PEFT factor name: "[base_model.model.]<module>.lora_A|B[.<adapter>].weight"
+PEFT_KEY_RE = re.compile(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$")
 
 
 def pattern_key(patterns: Mapping[str, Any], module_name: str) -> str | None:
@@ -239,7 +243,7 @@ class LoraRecord:
         a_keys: dict[str, str] = {}
         b_keys: dict[str, str] = {}
         for key in state:
-            m = re.match(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$", key)
+            m = PEFT_KEY_RE.match(key)
             if m is None:
                 if "lora_magnitude_vector" in key:
                     raise UnsupportedVariantError(
@@ -261,7 +265,7 @@ class LoraRecord:
         fifo = bool(config.get("fan_in_fan_out", False))
         modules: dict[str, LoraModule] = {}
         # Keep file order (safetensors sorts keys; sort by name for a stable, documented order).
-        for name in sorted(a_keys, key=_natural_key):
+        for name in sorted(a_keys, key=natural_key):
             _, alpha, scale = peft_rank_alpha_scale(config, name)
             modules[name] = LoraModule(state[a_keys[name]], state[b_keys[name]], alpha, scale, fifo)
         rec = cls(modules, dict(config), lora_id)
@@ -291,11 +295,6 @@ class LoraRecord:
         return cls.from_peft_state_dict(
             state, config, file=file, lora_id=lora_id, validate=validate
         )
-
-
-def _natural_key(s: str) -> list[Any]:
-    """Sort 'layers.10' after 'layers.9'."""
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
 
 
 def load_safetensors_bytes(data: bytes, *, file: str | None = None) -> dict[str, torch.Tensor]:

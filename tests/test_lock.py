@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.metadata as md
 import re
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -73,7 +74,9 @@ def test_torch_is_the_cpu_build_and_nothing_pulls_cuda():
 def test_everything_installed_is_pinned_in_the_lock():
     pins = _lock()
     extra = []
-    for d in md.distributions():
+    # the venv's own site-packages only: other tests may put the base interpreter's on sys.path
+    site = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    for d in md.distributions(path=site):
         name = _norm(d.metadata["Name"])
         if name in UNPINNED_OK:
             continue

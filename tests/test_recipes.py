@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from lora_zoo.build.plan import plan, resolve_groups
+from lora_zoo.build.recipe import load_recipe, load_recipe_text
 from lora_zoo.errors import LoraZooError
-from lora_zoo.plan import plan, resolve_groups
-from lora_zoo.recipe import load_recipe, load_recipe_text
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))

@@ -64,8 +64,8 @@ def register(sub: Any) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from lora_zoo.plan import format_table, plan
-    from lora_zoo.recipe import load_recipe
+    from lora_zoo.build.plan import format_table, plan
+    from lora_zoo.build.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     jobs = plan(recipe, limit=args.limit)
@@ -82,7 +82,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from lora_zoo.runner import build, parse_shard
+    from lora_zoo.build.runner import build, parse_shard
 
     res = build(
         args.recipe,
@@ -109,7 +109,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_pack(args: argparse.Namespace) -> int:
-    from lora_zoo.runner import pack
+    from lora_zoo.build.runner import pack
 
     m = pack(args.dirs, args.out, allow_partial=args.allow_partial, overwrite=args.overwrite)
     rows = {s: sum(sh["num_rows"] for sh in sp["shards"]) for s, sp in m["splits"].items()}
@@ -121,7 +121,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from lora_zoo.runner import status
+    from lora_zoo.build.runner import status
 
     info = status(args.dir)
     if args.json:

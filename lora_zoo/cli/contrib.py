@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-# The Hub SRC rule, also implemented by lora_zoo.ingest_hub.is_hub_source (kept here so that
+# The Hub SRC rule, also implemented by lora_zoo.contrib.ingest_hub.is_hub_source (kept here so that
 # building the CLI parser imports nothing heavy).
 SRC_HELP = (
     "folders, files or glob patterns; or Hub repos: hf://OWNER/NAME[@REV][/SUBPATH] "
@@ -83,7 +83,7 @@ def register(sub: Any) -> None:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from lora_zoo.ingest import ingest
+    from lora_zoo.contrib.ingest import ingest
 
     rep = ingest(
         args.sources,
@@ -134,7 +134,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from lora_zoo.merge import merge_zoos
+    from lora_zoo.contrib.merge import merge_zoos
 
     names = [n for n in args.names.split(",")] if args.names else None
     rep = merge_zoos(args.zoos, args.out, names=names, separate_configs=args.separate_configs)
@@ -143,7 +143,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from lora_zoo.export import export_lora
+    from lora_zoo.contrib.export import export_lora
 
     path = export_lora(args.zoo, args.lora_id, args.format, args.out, revision=args.revision)
     print(path)

@@ -31,7 +31,7 @@ def register(sub: Any) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from lora_zoo.demo import run_demo
+    from lora_zoo.lol.demo import run_demo
 
     t0 = time.perf_counter()
     res = run_demo(

@@ -71,8 +71,14 @@ def register(sub: Any) -> None:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from lora_zoo.hub import push
+    from lora_zoo.remote.push import push
+    from lora_zoo.remote.sources import parse_source
 
+    if args.card:  # re-render README.md + plots naming the target; they go in the same commit
+        from lora_zoo.cards import write_card
+
+        spec = parse_source(args.target, args.revision)
+        write_card(args.dir, repo_id=spec.repo_id if spec.kind == "hub" else args.target)
     res = push(
         args.dir,
         args.target,
@@ -80,7 +86,6 @@ def cmd_push(args: argparse.Namespace) -> int:
         private=args.private,
         create_pr=args.create_pr,
         commit_message=args.message,
-        card=args.card,
         progress=not args.no_progress,
     )
     print(
@@ -96,8 +101,8 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 def cmd_pull(args: argparse.Namespace) -> int:
     from lora_zoo.cli.zoo import report_problems
-    from lora_zoo.manifest import verify
-    from lora_zoo.remote import pull
+    from lora_zoo.remote.pull import pull
+    from lora_zoo.zoo.manifest import verify
 
     dest = pull(
         args.source,
@@ -121,12 +126,12 @@ def cmd_card(args: argparse.Namespace) -> int:
 
 
 def cmd_rebuild(args: argparse.Namespace) -> int:
-    from lora_zoo.runner import rebuild_from_zoo
+    from lora_zoo.build.runner import rebuild_from_zoo
 
     only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
     source = args.source
     if args.revision:
-        from lora_zoo.reader import load_zoo
+        from lora_zoo.load.source import load_zoo
 
         source = load_zoo(args.source, revision=args.revision).root
     _print_drift(source, args.revision)
@@ -140,7 +145,7 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
 
 def cmd_diff(args: argparse.Namespace) -> int:
     from lora_zoo import env
-    from lora_zoo.diff import diff_zoos
+    from lora_zoo.contrib.diff import diff_zoos
 
     rep = diff_zoos(args.a, args.b, atol=args.atol, rtol=args.rtol, subset=args.subset)
     rows = env.drift(rep.env_a, rep.env_b)
@@ -158,7 +163,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
 def _print_drift(source: str, revision: str | None) -> None:
     """Before a rebuild: what differs from the environment the zoo was built in."""
     from lora_zoo import env
-    from lora_zoo.reader import load_zoo
+    from lora_zoo.load.source import load_zoo
 
     info = load_zoo(source, revision=revision).info
     stored = (info.get("provenance") or {}).get("environment")

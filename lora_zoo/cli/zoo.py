@@ -30,7 +30,7 @@ def register(sub: Any) -> None:
         "--lists",
         choices=("set", "components"),
         default="set",
-        help="how a list-valued group is treated (see lora_zoo.splits)",
+        help="how a list-valued group is treated (see lora_zoo.zoo.splits)",
     )
     p.add_argument("--fractions", default="train=0.8,test=0.2")
     p.add_argument("--seed", type=int, default=0)
@@ -88,7 +88,7 @@ def summarize(zoo: Any) -> dict[str, Any]:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from lora_zoo.reader import load_zoo
+    from lora_zoo.load.source import load_zoo
 
     s = summarize(load_zoo(args.zoo, revision=args.revision))
     if args.json:
@@ -115,7 +115,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from lora_zoo.remote import verify_source
+    from lora_zoo.remote.pull import verify_source
 
     problems = verify_source(args.zoo, args.revision, hashes=not args.no_hash)
     return report_problems(args.zoo, problems, ok=f"{args.zoo}: OK")
@@ -133,10 +133,11 @@ def report_problems(where: object, problems: list[str], *, ok: str) -> int:
 
 
 def cmd_split(args: argparse.Namespace) -> int:
-    from lora_zoo.splits import make_named_split
+    from lora_zoo.load.source import load_zoo
+    from lora_zoo.zoo.splits import make_named_split
 
     assign = make_named_split(
-        args.zoo,
+        load_zoo(args.zoo),
         args.name,
         args.kind,
         args.fractions,
@@ -154,7 +155,7 @@ def cmd_env(args: argparse.Namespace) -> int:
 
     from lora_zoo import env
     from lora_zoo.errors import ZooFormatError
-    from lora_zoo.reader import load_zoo
+    from lora_zoo.load.source import load_zoo
 
     zoo = load_zoo(args.zoo, revision=args.revision)
     stored = (zoo.info.get("provenance") or {}).get("environment")

@@ -7,10 +7,13 @@ batch holds rows for all K; the base matmul runs once for the whole batch and on
 LoRA path is per-adapter (a batched matmul). Gradients stay independent because every LoRA only
 sees its own rows and the loss is a sum of per-LoRA means.
 
-API (stable; builders/causal_lm.py and builders/text_to_image*.py use exactly this)::
+Family-agnostic: losses belong to the builders (``builders/causal_lm/losses.py``,
+``builders/text_to_image/train.py``); the engine only needs each LoRA's (K,) loss.
+
+API (stable; builders/causal_lm/ and builders/text_to_image/ use exactly this)::
 
     from lora_zoo.engine import (LoraSpec, MultiLoraModel, TrainHParams, MultiLoraTrainer,
-                                 causal_lm_losses, stack_rows, peft_init_like)
+                                 stack_rows, peft_init_like, IGNORE_INDEX)
 
     specs = [LoraSpec(r=4, alpha=8, dropout=0.05, init_seed=s_init, dropout_seed=s_drop,
                       use_rslora=False, rank_pattern=None, alpha_pattern=None), ...]  # K of them
@@ -50,9 +53,6 @@ API (stable; builders/causal_lm.py and builders/text_to_image*.py use exactly th
     trainer.active (K,) bool, trainer.steps_done (K,), trainer.failed_step: list[int | None],
     trainer.last_loss (K,), trainer.loss_history: list of (K,) tensors
 
-    causal_lm_losses(logits (K*b, T, V), labels (K*b, T), K) -> (K,)
-    #   shifted next-token CE; labels -100 ignored; mean over each LoRA's own tokens (0 if none)
-    causal_lm_token_logprobs(logits, labels) -> (K*b, T-1) logprob of each target token (0 at -100)
     stack_rows(per_lora_batches: list[dict[str, Tensor (b_k, T_k)]], pad: dict[str, value])
     #   -> dict[str, Tensor (K*b_max, T_max)]; right-pads T, pads missing rows with pad rows
     #   (labels -100 => zero loss weight) so LoRAs with different batch sizes share one pass
@@ -63,20 +63,18 @@ API (stable; builders/causal_lm.py and builders/text_to_image*.py use exactly th
 from __future__ import annotations
 
 from lora_zoo.engine.layers import MultiLoraLinear
-from lora_zoo.engine.losses import causal_lm_losses, causal_lm_token_logprobs, stack_rows
 from lora_zoo.engine.model import LoraSpec, MultiLoraModel, peft_init_like
 from lora_zoo.engine.optim import StackedAdamW, TrainHParams, clip_grad_norm_per_lora, lr_factor
-from lora_zoo.engine.trainer import MultiLoraTrainer
+from lora_zoo.engine.trainer import IGNORE_INDEX, MultiLoraTrainer, stack_rows
 
 __all__ = [
+    "IGNORE_INDEX",
     "LoraSpec",
     "MultiLoraLinear",
     "MultiLoraModel",
     "MultiLoraTrainer",
     "StackedAdamW",
     "TrainHParams",
-    "causal_lm_losses",
-    "causal_lm_token_logprobs",
     "clip_grad_norm_per_lora",
     "lr_factor",
     "peft_init_like",

@@ -1,4 +1,5 @@
-"""One optimisation step for K LoRAs at once, with per-LoRA stopping and failure isolation.
+"""One optimisation step for K LoRAs at once, with per-LoRA stopping and failure isolation, and
+the stacking of K per-LoRA batches into one grouped (K*b, ...) batch.
 
 Why failures are per LoRA: in a zoo sweep some hyperparameter draws diverge (lr 1e-3 on a tiny
 batch). One NaN must cost that LoRA only, not the K-1 others sharing its pass; and a LoRA that
@@ -9,7 +10,7 @@ it).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -22,6 +23,10 @@ from lora_zoo.engine.optim import (
 )
 
 logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = (
+    -100
+)  # the label of a position that carries no loss (PyTorch's cross-entropy default)
 
 
 class MultiLoraTrainer:
@@ -117,3 +122,39 @@ class MultiLoraTrainer:
         self.last_loss = torch.where(update.cpu(), out, self.last_loss)
         self.loss_history.append(out)
         return out
+
+
+def stack_rows(
+    per_lora: Sequence[Mapping[str, torch.Tensor] | None],
+    pad: Mapping[str, int | float],
+    rows: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Stack K per-LoRA batches (each key (b_k, T_k)) into (K*rows, T_max) tensors.
+
+    Sequences are right-padded with ``pad[key]``; LoRAs with fewer rows (or ``None``: done or
+    failed) are filled with whole padding rows. Padding rows keep attention_mask 1 (a fully
+    masked row gives NaN in some attention kernels) and labels IGNORE_INDEX, so they carry zero
+    loss weight; right padding cannot change a causal model's outputs at real positions.
+    """
+    present = [b for b in per_lora if b is not None]
+    if not present:
+        raise ValueError("stack_rows needs at least one non-empty batch")
+    keys = list(present[0].keys())
+    b_max = rows if rows is not None else max(int(b[keys[0]].shape[0]) for b in present)
+    t_max = max(int(b[key].shape[1]) for b in present for key in keys)
+    out: dict[str, torch.Tensor] = {}
+    for key in keys:
+        ref = present[0][key]
+        fill_row = 1 if key == "attention_mask" else pad[key]
+        parts = []
+        for b in per_lora:
+            block = torch.full((b_max, t_max), fill_row, dtype=ref.dtype, device=ref.device)
+            if b is not None:
+                x = b[key]  # (b_k, T_k)
+                if x.shape[0] > b_max:
+                    raise ValueError(f"{key}: {x.shape[0]} rows > rows={b_max}")
+                block[: x.shape[0]] = pad[key]
+                block[: x.shape[0], : x.shape[1]] = x
+            parts.append(block)
+        out[key] = torch.cat(parts, dim=0)  # (K*b_max, T_max)
+    return out

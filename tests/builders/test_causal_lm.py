@@ -1,5 +1,5 @@
 """The causal-LM builder: ARC parsing, batched evaluation against a slow one-LoRA-at-a-time
-PEFT scorer, and full builds through ``lora_zoo.runner.build`` on a tiny from-config model.
+PEFT scorer, and full builds through ``lora_zoo.build.runner.build`` on a tiny from-config model.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import pytest
 import torch
 from peft import PeftModel
 
-from lora_zoo.builders.causal_lm_eval import build_eval_rows, score_rows, summarise
-from lora_zoo.builders.text_data import ByteTokenizer, Example, arc_example, arc_source
+from lora_zoo.builders.causal_lm.data import ByteTokenizer, Example, arc_example, arc_source
+from lora_zoo.builders.causal_lm.eval import build_eval_rows, score_rows, summarise
 from lora_zoo.engine import LoraSpec, MultiLoraModel
 from lora_zoo.errors import DataSourceError
 from tests.fixtures.models import tiny_llama
@@ -147,7 +147,7 @@ def _arc_overrides(n: int, k: int) -> list[str]:
 
 def test_arc_recipe_builds_end_to_end_on_local_file(tmp_path):
     from lora_zoo import load_zoo
-    from lora_zoo.runner import build
+    from lora_zoo.build.runner import build
 
     res = build(
         "recipes/arc-qwen2-r4.yaml",
@@ -168,8 +168,8 @@ def test_arc_recipe_builds_end_to_end_on_local_file(tmp_path):
         "train_example_ids",
         "groups_included",
         "final_train_loss",
-        "train_hparams.lr",
-        "train_hparams.steps",
+        "hp.lr",
+        "hp.steps",
         "seed.init",
         "seed.data",
     ):
@@ -185,9 +185,10 @@ def test_arc_recipe_builds_end_to_end_on_local_file(tmp_path):
         assert all(r[f"in_group.{s}"] == (s in inc) for s in sources)
         assert 0.0 <= r["acc"] <= 1.0 and r["eval_loss"] > 0
         assert any(c.startswith("eval_loss_by_group.") and r[c] > 0 for c in r)
-        assert r["train_hparams.r"] == 4 and r["final_train_loss"] > 0
-        assert r["train_hparams.lr"] == pytest.approx(r["hp.lr"])
-    lrs = {r["train_hparams.lr"] for r in rows}
+        assert r["hp.r"] == 4 and r["final_train_loss"] > 0  # a resolved default, under hp.*
+    # format 2: hyperparameters and seeds are stored once, under one prefix each
+    assert not [c for c in split.metadata_columns if c.startswith(("train_hparams.", "seeds."))]
+    lrs = {r["hp.lr"] for r in rows}
     assert len(lrs) == 4
     rec = split.record(0)
     assert rec.config["r"] == 4 and sorted(rec.config["target_modules"]) == ["q_proj", "v_proj"]
@@ -198,7 +199,7 @@ def test_k1_and_k4_builds_give_the_same_loras(tmp_path):
     """K is a throughput knob only: no dropout and equal batch sizes, so each LoRA's data and
     masks are the same whatever K, and the K=1 and K=4 zoos agree to float tolerance."""
     from lora_zoo import load_zoo
-    from lora_zoo.runner import build
+    from lora_zoo.build.runner import build
 
     over = [
         TINY_BASE.replace("pretrain_steps: 0", "pretrain_steps: 20"),
@@ -269,8 +270,8 @@ def test_arc_recipe_validates_and_expands_like_the_paper():
     import math
     import statistics
 
-    from lora_zoo.plan import plan
-    from lora_zoo.recipe import load_recipe
+    from lora_zoo.build.plan import plan
+    from lora_zoo.build.recipe import load_recipe
 
     data = f"data={{kind: files, paths: [{FIXTURE}], task: arc}}"
     recipe = load_recipe("recipes/arc-qwen2-r4.yaml", [data])

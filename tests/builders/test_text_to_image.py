@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 from pydantic import ValidationError
 
-from lora_zoo.builders.t2i_data import (
+from lora_zoo.builders.text_to_image import Config, TextToImageBuilder
+from lora_zoo.builders.text_to_image.data import (
     AttributeTable,
     FolderSource,
     aggregate_attributes,
@@ -20,14 +21,13 @@ from lora_zoo.builders.t2i_data import (
     preprocess,
     read_attribute_table,
 )
-from lora_zoo.builders.t2i_eval import ClipScorer, TinyClip, generate_grouped
-from lora_zoo.builders.t2i_pipeline import (
+from lora_zoo.builders.text_to_image.eval import ClipScorer, TinyClip, generate_grouped
+from lora_zoo.builders.text_to_image.pipeline import (
     TinyPipeline,
     load_pipeline,
     make_sampler,
     write_tiny_tokenizer,
 )
-from lora_zoo.builders.text_to_image import Config, TextToImageBuilder
 from lora_zoo.errors import BuildError, DataSourceError
 from tests.fixtures.t2i import (
     SMOKE_GROUPS,
@@ -277,8 +277,8 @@ def test_builder_end_to_end_records_labels_and_peft_loadable(sample_root, tmp_pa
         m0["train_example_sha256"][0]
         == hashlib.sha256((sample_root / m0["train_example_ids"][0]).read_bytes()).hexdigest()
     )
-    assert m1["steps_done"] == 2 and m1["hparams"]["grad_accum"] == 2
-    assert m0["seeds"]["noise"] == jobs[0].seeds["noise"]
+    assert m1["steps_done"] == 2 and m1["hp"]["grad_accum"] == 2
+    assert "seeds" not in m0  # seeds are the job's; pack stores them once, as seed.*
     # labels: membership bits over sorted groups, majority attribute, CLIP per prompt
     assert res[1].scores["membership"] == [0, 1, 0, 1]
     pos = [vals["Striped"][ids.index(i)] > 0 for i in m0["train_example_ids"]]
@@ -316,7 +316,7 @@ def test_builder_end_to_end_records_labels_and_peft_loadable(sample_root, tmp_pa
         ours = b.pipe.unet(x.repeat(3, 1, 1, 1), 10, encoder_hidden_states=e.repeat(3, 1, 1)).sample
     torch.testing.assert_close(ours[2:3], ref, atol=1e-5, rtol=1e-4)
     # group-aware split on the recorded membership: no group in two splits
-    from lora_zoo.splits import group_split
+    from lora_zoo.zoo.splits import group_split
 
     split = group_split(
         [r.job.lora_id for r in res],
@@ -330,8 +330,8 @@ def test_builder_end_to_end_records_labels_and_peft_loadable(sample_root, tmp_pa
     }
     assert not (seen["train"] & seen["test"]) and sum(map(len, split.values())) == 3
     # metadata / labels are Arrow-friendly: a zoo round trip keeps them
-    from lora_zoo.reader import load_zoo
-    from lora_zoo.writer import ZooWriter
+    from lora_zoo.load.source import load_zoo
+    from lora_zoo.zoo.writer import ZooWriter
 
     w = ZooWriter(tmp_path / "zoo")
     for r in res:
@@ -348,7 +348,8 @@ def test_builder_end_to_end_records_labels_and_peft_loadable(sample_root, tmp_pa
     assert row["membership"] == [0, 1, 0, 1]
     assert row["attributes.Striped"] == res[1].scores["attributes"]["Striped"]
     assert row["clip_eval.prompts"] == ["a photo of {prompt}", "a {prompt} on a table"]
-    assert row["hparams.grad_accum"] == 2
+    assert row["hp.grad_accum"] == 2  # the resolved value, stored once (format 2)
+    assert not [c for c in row if c.startswith(("hparams.", "seeds."))]
     # the same jobs again (resident pipeline, latent cache warm) give bit-identical weights
     # (same batch composition: a different K changes the float summation order, not the math)
     again = b.train(jobs)
@@ -373,7 +374,7 @@ def test_hub_dataset_path_with_local_parquet_repo(sample_root, tmp_path):
     group column, row ids, undecoded bytes hashed as published, attributes from the rows."""
     import datasets
 
-    from lora_zoo.builders.t2i_data import HubImageSource
+    from lora_zoo.builders.text_to_image.data import HubImageSource
 
     paths = sorted(str(p) for g in ("animal", "object") for p in (sample_root / g).iterdir())
     ds = datasets.Dataset.from_dict(
@@ -412,7 +413,7 @@ def test_shipped_recipes_validate_against_config(name):
 
     import yaml
 
-    from lora_zoo.builder_api import BUILDER_SECTIONS
+    from lora_zoo.build.api import BUILDER_SECTIONS
 
     text = (importlib.resources.files("lora_zoo.recipes") / f"{name}.yaml").read_text()
     assert text.startswith("#") and "lora-zoo build recipes/" in text

@@ -9,8 +9,8 @@ from lora_zoo.builders.text_to_image import TextToImageBuilder
 
 @pytest.mark.slow
 def test_t2i_smoke_recipe_builds_a_zoo_with_group_split(tmp_path):
-    from lora_zoo.reader import load_zoo
-    from lora_zoo.runner import build
+    from lora_zoo.build.runner import build
+    from lora_zoo.load.source import load_zoo
 
     # smaller than the shipped recipe (which is sized for a ~1-2 min CLI run)
     overrides = [
@@ -34,7 +34,7 @@ def test_t2i_smoke_recipe_builds_a_zoo_with_group_split(tmp_path):
     assert not (groups["train"] & groups["test"])  # no class in both splits
     r = rows["train"][0]
     assert len(r["groups_included"]) == 1 and sum(r["membership"]) == 1
-    assert r["prompt"] in ("sks", "skd") and r["hparams.steps"] == 3
+    assert r["prompt"] in ("sks", "skd") and r["hp.steps"] == 3
     assert len(r["train_example_sha256"]) == len(r["train_example_ids"]) == 6
     assert len(r["clip_score_per_prompt"]) == 2
     rec = zoo["train"].record(0)

@@ -10,13 +10,15 @@ samples, noise and timesteps). LoRAs differ in lr, steps, grad_accum, batch size
 from __future__ import annotations
 
 import pytest
+import torch
 
-from lora_zoo.builders.t2i_data import materialize_sample_images
-from lora_zoo.builders.t2i_pipeline import TinyPipeline, load_pipeline, training_scheduler
-from lora_zoo.builders.t2i_train import LoraStream
 from lora_zoo.builders.text_to_image import Config, TextToImageBuilder, _encode
+from lora_zoo.builders.text_to_image.data import materialize_sample_images
+from lora_zoo.builders.text_to_image.pipeline import TinyPipeline, load_pipeline, training_scheduler
+from lora_zoo.builders.text_to_image.train import LoraStream
 from lora_zoo.engine import LoraSpec
 from tests.fixtures.t2i import SMOKE_GROUPS, TINY_PIPE, job, peft_reference, t2i_config
+from tests.reference.tolerance import tol
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -58,7 +60,11 @@ def test_batched_training_matches_separate_peft_runs(tmp_path):
         num = sum(float((ours[n] - ref[n]).norm() ** 2) for n in ref) ** 0.5
         den = sum(float(ref[n].norm() ** 2) for n in ref) ** 0.5
         assert den > 0
-        assert num / den < 1e-4, (j.lora_id, num / den)
+        # float32 training, relative: per step (x grad_accum micro-batches) the tiny UNet's
+        # GEMMs / convs (inner dims <= 3 x 3 x 64 channels = 576) add ~eps n to the update,
+        # relative to ΔW: 10 eps32 * (steps * grad_accum * 576)
+        steps = hp["steps"] * hp["grad_accum"]
+        assert num / den < tol(torch.float32, n=steps * 576), (j.lora_id, num / den)
         # a sanity contrast: a different LoRA of the chunk is far from this reference
         other = res[(j.index + 1) % 3].record.delta_weights()
         far = sum(

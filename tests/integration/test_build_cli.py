@@ -10,10 +10,10 @@ import sys
 
 import pytest
 
-from lora_zoo import runner
+from lora_zoo.build import runner
+from lora_zoo.build.plan import plan
+from lora_zoo.build.recipe import load_recipe
 from lora_zoo.cli import main
-from lora_zoo.plan import plan
-from lora_zoo.recipe import load_recipe
 from tests.fixtures.toy_builder import (
     TOY_ENV_SPEC,
     register,
@@ -145,7 +145,7 @@ def test_ray_two_workers_equal_local(tmp_path, ray_env, monkeypatch):
     def no_local(*a, **k):
         raise AssertionError("the ray backend trained in the driver")
 
-    monkeypatch.setattr(runner, "_local_trainer", no_local)
+    monkeypatch.setattr(runner, "local_trainer", no_local)
     remote = runner.build(p, tmp_path / "ray", progress=False, backend="ray")
     assert remote.counts == local.counts == {"done": 4, "failed": 2, "pending": 0}
     assert [f["failed_step"] for f in remote.failed] == [f["failed_step"] for f in local.failed]

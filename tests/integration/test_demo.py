@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from lora_zoo.cli import main
-from lora_zoo.demo import quickstart_recipe_path, run_demo
+from lora_zoo.lol.demo import quickstart_recipe_path, run_demo
 
 # Smaller than the packaged recipe (160 LoRAs) but the same design; measured on 2 CPU cores.
 REDUCED = ["num_loras=96", "train.k=16", "eval.max_examples=30"]

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from lora_zoo.errors import IntegrityError, RemoteError
-from lora_zoo.hub import push
-from lora_zoo.reader import load_zoo
+from lora_zoo.load.source import load_zoo
+from lora_zoo.remote.push import push
 from tests.fixtures.hub_server import hub  # noqa: F401  (fixture)
 from tests.fixtures.zoos import make_record, make_zoo
 
@@ -93,7 +93,7 @@ def test_interrupted_push_resumes_without_reuploading(hub, tmp_path):  # noqa: F
 
 def test_append_is_one_atomic_commit(hub, zoo_dir):  # noqa: F811
     first = push(zoo_dir, REPO, progress=False)
-    from lora_zoo.writer import ZooWriter
+    from lora_zoo.zoo.writer import ZooWriter
 
     w = ZooWriter(zoo_dir, shard_max_rows=5, mode="append")
     for i in range(100, 104):
@@ -135,7 +135,7 @@ def test_corrupted_shard_is_named_on_pull_and_verify(hub, zoo_dir):  # noqa: F81
     problems = load_zoo(REPO, streaming=True).verify()
     assert any(p.startswith(sh["path"]) and "sha256" in p for p in problems)
     from lora_zoo.cli import main
-    from lora_zoo.remote import verify_source
+    from lora_zoo.remote.pull import verify_source
 
     assert verify_source(f"hf://datasets/{REPO}") == problems
     assert main(["verify", REPO]) == 1
@@ -222,8 +222,8 @@ def test_plain_datasets_load_dataset_from_the_stand_in(hub, zoo_dir, tmp_path): 
 
 
 def test_row_group_limit_and_source_parsing(hub, zoo_dir, monkeypatch):  # noqa: F811
-    import lora_zoo.hub as hubmod
-    from lora_zoo.remote import parse_source
+    import lora_zoo.remote.push as hubmod
+    from lora_zoo.remote.sources import parse_source
 
     monkeypatch.setattr(hubmod, "MAX_ROW_GROUP_BYTES", 1000)
     with pytest.raises(RemoteError, match=r"data/\w+-00000\.parquet: row_group_max_bytes"):

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from lora_zoo.contrib.formats import read_adapter
+from lora_zoo.contrib.ingest import ingest
+from lora_zoo.contrib.ingest_hub import HubFetch, HubSource, is_hub_source, parse_hub_source, plan
 from lora_zoo.errors import PathEscapeError, RemoteError
-from lora_zoo.formats import read_adapter
-from lora_zoo.ingest import ingest
-from lora_zoo.ingest_hub import HubFetch, HubSource, is_hub_source, parse_hub_source, plan
-from lora_zoo.reader import load_zoo
+from lora_zoo.load.source import load_zoo
 from tests.fixtures.adapters import llama_peft
 from tests.fixtures.hub_server import HubHandler, hub  # noqa: F401  (fixture)
 

@@ -165,7 +165,7 @@ def test_kill9_during_pack_then_rerun(tmp_path):
     assert killed, "pack finished before it could be killed"
     if not (out / "lora_zoo.json").exists():  # caught mid-pack: no half zoo is readable
         from lora_zoo.errors import LoraZooError
-        from lora_zoo.reader import load_zoo
+        from lora_zoo.load.source import load_zoo
 
         with pytest.raises(LoraZooError):
             load_zoo(str(out))

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from lora_zoo.cli import main
-from lora_zoo.diff import diff_zoos
+from lora_zoo.contrib.diff import diff_zoos
 from lora_zoo.errors import BuildError
-from lora_zoo.manifest import read_manifest, write_manifest
-from lora_zoo.reader import load_zoo
+from lora_zoo.load.source import load_zoo
+from lora_zoo.zoo.manifest import read_manifest, write_manifest
 from tests.fixtures.hub_server import hub  # noqa: F401  (fixture)
 from tests.fixtures.toy_builder import TOY_RECIPE, register
 
@@ -27,7 +27,7 @@ RECIPE = TOY_RECIPE.replace("steps: {kind: choice, values: [10, 20]}", "steps: 8
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> Path:
-    from lora_zoo.runner import build_from_recipe_text
+    from lora_zoo.build.runner import build_from_recipe_text
 
     register()
     out = tmp_path_factory.mktemp("rebuild") / "toy"
@@ -108,7 +108,7 @@ def test_builder_version_drift_is_refused(built, tmp_path):
     m["info"]["builder"]["VERSION"] = "0"
     write_manifest(drift, m)
     with pytest.raises(BuildError, match="VERSION"):
-        from lora_zoo.runner import rebuild_from_zoo
+        from lora_zoo.build.runner import rebuild_from_zoo
 
         rebuild_from_zoo(drift, tmp_path / "x", progress=False)
     assert main(["rebuild", str(drift), "--out", str(tmp_path / "y"), "--no-progress"]) == 1
@@ -118,7 +118,7 @@ def test_builder_version_drift_is_refused(built, tmp_path):
 
 
 def test_rebuild_from_a_hub_repo(built, hub, tmp_path):  # noqa: F811
-    from lora_zoo.hub import push
+    from lora_zoo.remote.push import push
 
     register()
     push(built, "tester/toy", progress=False)
@@ -140,6 +140,15 @@ def test_only_rebuild_of_a_lora_from_a_split_chunk(built, tmp_path):
     assert rep.equal, rep.format()
 
 
+_SKIP = shutil.ignore_patterns(".venv", ".git", "*.egg-info", "__pycache__", ".pytest_cache")
+
+
+def _ignore_outputs(d: str, names: list[str]) -> set[str]:
+    """Build outputs and tests at the top only: lora_zoo/build/ is source."""
+    top = {"build", "dist", "tests"} if Path(d) == REPO_ROOT else set()
+    return set(_SKIP(d, names)) | (top & set(names))
+
+
 @pytest.mark.slow
 def test_pip_installed_lora_zoo_rebuilds(built, tmp_path):
     """A non-editable install in a fresh venv (deps reused via --system-site-packages) reads
@@ -148,9 +157,7 @@ def test_pip_installed_lora_zoo_rebuilds(built, tmp_path):
     shutil.copytree(
         REPO_ROOT,
         src,
-        ignore=shutil.ignore_patterns(
-            ".venv", ".git", "build", "*.egg-info", "__pycache__", "tests", ".pytest_cache"
-        ),
+        ignore=_ignore_outputs,
     )
     venv = tmp_path / "venv"
     base_py = REPO_ROOT / ".venv" / "bin" / "python"

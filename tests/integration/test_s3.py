@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from lora_zoo.errors import IntegrityError
-from lora_zoo.hub import push
-from lora_zoo.reader import load_zoo
+from lora_zoo.load.source import load_zoo
+from lora_zoo.remote.push import push
 from tests.fixtures.s3 import s3  # noqa: F401  (fixture)
 from tests.fixtures.zoos import make_record, make_zoo
 
@@ -54,7 +54,7 @@ def test_append_replaces_manifest_and_drops_stale(s3, tmp_path):  # noqa: F811
     root = make_zoo(tmp_path / "z", n=6, shard_max_rows=4)
     target = f"s3://{bucket}/grow"
     push(root, target, progress=False)
-    from lora_zoo.writer import ZooWriter
+    from lora_zoo.zoo.writer import ZooWriter
 
     w = ZooWriter(root, shard_max_rows=4, mode="append")
     for i in range(50, 53):

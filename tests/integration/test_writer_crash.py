@@ -17,15 +17,15 @@ import pytest
 
 from lora_zoo.cli import main
 from lora_zoo.errors import ZooFormatError
-from lora_zoo.manifest import verify
-from lora_zoo.reader import load_zoo
+from lora_zoo.load.source import load_zoo
+from lora_zoo.zoo.manifest import verify
 from tests.fixtures.zoos import make_zoo
 
 REPO = Path(__file__).resolve().parents[2]
 
 CHILD = r"""
 import sys
-from lora_zoo.writer import ZooWriter
+from lora_zoo.zoo.writer import ZooWriter
 from tests.fixtures.zoos import make_record
 root, mode, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 w = ZooWriter(root, mode=mode, shard_max_rows=3, row_group_max_rows=1)
@@ -118,7 +118,7 @@ def test_kill_during_append_keeps_old_zoo_valid(tmp_path, marker, delay):
     run_and_kill(root, "append", 9, marker, delay)
     check_invariant(root, old_ids)
     # a later append never collides with leftovers from the killed one
-    from lora_zoo.writer import ZooWriter
+    from lora_zoo.zoo.writer import ZooWriter
     from tests.fixtures.zoos import make_record
 
     w = ZooWriter(root, mode="append", shard_max_rows=2)

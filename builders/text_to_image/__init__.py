@@ -1,0 +1,392 @@
+"""Text-to-image builder: Stable Diffusion UNet LoRAs, one identity / class subset per LoRA.
+
+Mirrors the paper's SD zoos (arXiv 2410.04207): DreamBooth-style LoRAs on the UNet attention
+projections, each trained on the images of its group(s) with an instance prompt, labelled with
+attributes aggregated over its images, its group membership and CLIP scores of generated images.
+
+What is shared across LoRAs and why: the base pipeline (loaded once per worker), the image index
+and the VAE latent cache, and the engine wrappers injected once into the UNet. Each ``train``
+call re-points the wrappers to the chunk's K fresh LoRAs, trains them in one batched loop,
+generates the eval images for all K in one denoising loop, scores them, and extracts records.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from lora_zoo.build.api import JobSpec, TrainedLora
+from lora_zoo.errors import BuildError
+
+from .data import DataSpec, aggregate_attributes, build_index, read_attribute_table
+from .eval import ClipScorer, ClipSpec, TinyClip, generate_grouped
+from .pipeline import BaseModelSpec, load_pipeline, make_sampler, training_scheduler
+from .train import LatentCache, LoraStream, StepPlan, autocast_ctx, train_batched
+
+log = logging.getLogger(__name__)
+
+# Per-LoRA hyperparameters a recipe may vary (JobSpec.hparams keys).
+HPARAM_KEYS = frozenset(
+    {
+        "lr",
+        "steps",
+        "grad_accum",
+        "batch_size",
+        "weight_decay",
+        "max_grad_norm",
+        "prompt",
+        "r",
+        "alpha",
+        "dropout",
+        "num_images",
+        "warmup_steps",
+    }
+)
+
+
+class LoraSection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    r: int = 4
+    alpha: float = 4.0
+    targets: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    dropout: float = 0.0
+    use_rslora: bool = False
+
+
+class TrainSection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    k: int = 4  # LoRAs per batched pass (read by the runner)
+    steps: int = 100
+    lr: float = 1e-4
+    grad_accum: int = 1
+    batch_size: int = 1
+    weight_decay: float = 1e-2
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    lr_schedule: Literal["constant", "linear"] = "constant"
+    warmup_steps: int = 0
+    optimizer: Literal["adamw"] = "adamw"
+    mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"  # only used on CUDA
+    prompt: str = "sks"  # default instance prompt when hparams has none
+
+
+class EvalSection(BaseModel):
+    """CLIP scoring: images for a fixed prompt list ({prompt} = the LoRA's instance prompt)."""
+
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = True
+    prompts: list[str] = Field(default_factory=lambda: ["a photo of {prompt}"])
+    sampler: Literal["ddim", "ddpm", "pndm", "euler", "dpm"] = "ddim"
+    steps: int = 20
+    guidance: float = 7.5
+    seed: int = 42
+    resolution: int | None = None  # default: data.resolution
+    clip: ClipSpec = Field(default_factory=TinyClip)
+
+
+class BuilderArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    latent_cache_size: int = 4096
+    membership_bits: bool = True  # store a 0/1 vector over all groups (Imagenette's 10 bits)
+    progress: bool = False
+
+
+class Config(BaseModel):
+    """The recipe sections this builder reads (extra keys are errors)."""
+
+    model_config = ConfigDict(extra="forbid")
+    base_model: BaseModelSpec
+    lora: LoraSection = Field(default_factory=LoraSection)
+    data: DataSpec
+    train: TrainSection = Field(default_factory=TrainSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+    builder_args: BuilderArgs = Field(default_factory=BuilderArgs)
+
+
+class TextToImageBuilder:
+    """Builder protocol implementation (entry point ``text_to_image``)."""
+
+    NAME: ClassVar[str] = "text_to_image"
+    VERSION: ClassVar[str] = "2"  # 2: hp.* / seed.* once (was also hparams.* / seeds.*)
+    Config: ClassVar[type[BaseModel]] = Config
+
+    def __init__(self, config: BaseModel, *, device: str = "cpu", cache_dir: str | None = None):
+        self.config: Config = (
+            config
+            if isinstance(config, Config)
+            else Config.model_validate(
+                config.model_dump() if isinstance(config, BaseModel) else config
+            )
+        )
+        self.device = device
+        self.cache_dir = cache_dir
+        self._pipe = None
+        self._index = None
+        self._attrs: dict[str, dict[str, float]] | None = None
+        self._mm = None
+        self._clip: ClipScorer | None = None
+        self.latents = LatentCache(self.config.builder_args.latent_cache_size)
+
+    # ---- resident state (loaded once per worker) ---------------------------------------------
+    @property
+    def pipe(self):
+        if self._pipe is None:
+            self._pipe = load_pipeline(
+                self.config.base_model, device=self.device, cache_dir=self.cache_dir
+            )
+        return self._pipe
+
+    @property
+    def index(self):
+        if self._index is None:
+            self._index = build_index(self.config.data, self.cache_dir)
+        return self._index
+
+    @property
+    def clip(self) -> ClipScorer:
+        if self._clip is None:
+            self._clip = ClipScorer(
+                self.config.eval.clip, device=self.device, cache_dir=self.cache_dir
+            )
+        return self._clip
+
+    @classmethod
+    def list_groups(cls, config: BaseModel) -> list[str]:
+        cfg = config if isinstance(config, Config) else Config.model_validate(config)
+        return build_index(cfg.data).groups
+
+    # ---- per-job resolution --------------------------------------------------------------------
+    def _hp(self, job: JobSpec) -> dict[str, Any]:
+        """Recipe defaults overridden by the job's resolved hparams (unknown keys are errors)."""
+        unknown = set(job.hparams) - HPARAM_KEYS
+        if unknown:
+            raise BuildError(
+                f"unknown hparam(s) {sorted(unknown)}; known: {sorted(HPARAM_KEYS)}",
+                key=f"{job.lora_id}.hparams.{sorted(unknown)[0]}",
+            )
+        t, lo = self.config.train, self.config.lora
+        hp: dict[str, Any] = dict(
+            lr=t.lr,
+            steps=t.steps,
+            grad_accum=t.grad_accum,
+            batch_size=t.batch_size,
+            weight_decay=t.weight_decay,
+            max_grad_norm=t.max_grad_norm,
+            prompt=t.prompt,
+            r=lo.r,
+            alpha=lo.alpha,
+            dropout=lo.dropout,
+            num_images=None,
+            warmup_steps=t.warmup_steps,
+        )
+        if "prompt" in job.extra:  # builder_api allows varied extras outside hparams
+            hp["prompt"] = job.extra["prompt"]
+        hp.update(job.hparams)
+        for key in ("steps", "grad_accum", "batch_size", "r"):
+            hp[key] = int(hp[key])
+            if hp[key] < 1:
+                raise BuildError(f"must be >= 1, got {hp[key]}", key=f"{job.lora_id}.hparams.{key}")
+        return hp
+
+    def _groups(self, job: JobSpec) -> list[str]:
+        g = job.data.get("groups_included")
+        if not g:
+            raise BuildError(
+                "job has no data.groups_included (recipe subset.groups missing?)",
+                key=f"{job.lora_id}.data.groups_included",
+            )
+        return [str(x) for x in g]
+
+    # ---- the batched pass ------------------------------------------------------------------------
+    def train(self, jobs: Sequence[JobSpec]) -> list[TrainedLora]:
+        from lora_zoo.engine import LoraSpec, MultiLoraModel, MultiLoraTrainer, TrainHParams
+
+        if not jobs:
+            return []
+        t0 = time.perf_counter()
+        cfg, pipe, index = self.config, self.pipe, self.index
+        data = cfg.data
+        hps = [self._hp(j) for j in jobs]
+        seeds = [_seeds(j) for j in jobs]
+        specs = [
+            LoraSpec(
+                r=hp["r"],
+                alpha=float(hp["alpha"]),
+                dropout=float(hp["dropout"]),
+                init_seed=sd["init"],
+                dropout_seed=sd.get("dropout", 0),
+                use_rslora=cfg.lora.use_rslora,
+            )
+            for sd, hp in zip(seeds, hps)
+        ]
+        if self._mm is None:
+            self._mm = MultiLoraModel(pipe.unet, cfg.lora.targets, specs)
+        else:
+            self._mm.reset(specs)
+        mm = self._mm
+        sched = training_scheduler(pipe)
+        selections, streams, plans = [], [], []
+        for j, hp, sd in zip(jobs, hps, seeds):
+            items = index.select(
+                self._groups(j), size=hp["num_images"] or j.data.get("subset_size"), seed=sd["data"]
+            )
+            selections.append(items)
+            stats = self.latents.get(pipe, index, items, data.resolution, data.center_crop)
+            streams.append(
+                LoraStream(
+                    stats,
+                    seeds=sd,
+                    scaling_factor=pipe.vae.config.scaling_factor,
+                    num_train_timesteps=sched.config.num_train_timesteps,
+                )
+            )
+            text = _encode(pipe, [hp["prompt"]])  # (1, T, D)
+            plans.append(
+                StepPlan(rows=hp["grad_accum"] * hp["batch_size"], steps=hp["steps"], text=text)
+            )
+        thp = [
+            TrainHParams(
+                lr=float(hp["lr"]),
+                weight_decay=float(hp["weight_decay"]),
+                betas=tuple(cfg.train.betas),
+                eps=cfg.train.eps,
+                max_grad_norm=float(hp["max_grad_norm"]),
+                total_steps=hp["steps"],
+                warmup_steps=int(hp["warmup_steps"]),
+                schedule=cfg.train.lr_schedule,
+            )
+            for hp in hps
+        ]
+        trainer = MultiLoraTrainer(mm, thp)
+        mm.train()
+        train_batched(
+            pipe,
+            trainer,
+            streams,
+            plans,
+            sched,
+            device=self.device,
+            mixed_precision=cfg.train.mixed_precision,
+            progress=cfg.builder_args.progress,
+        )
+        mm.eval()
+        t_train = time.perf_counter() - t0
+        scores, eval_cfg = self.evaluate(hps) if cfg.eval.enabled else ([{} for _ in jobs], None)
+        records = mm.extract([j.lora_id for j in jobs], base_model_name=_base_name(cfg))
+        out = []
+        for k, (j, hp, items) in enumerate(zip(jobs, hps, selections)):
+            out.append(self._result(k, j, hp, items, records[k], scores[k], trainer))
+            if eval_cfg is not None:
+                out[-1].metadata["clip_eval"] = eval_cfg
+        wall = time.perf_counter() - t0
+        for r in out:
+            r.wall_time_s = wall / len(out)
+        log.info("t2i chunk of %d: train %.1fs, total %.1fs", len(jobs), t_train, wall)
+        return out
+
+    def _result(self, k, job, hp, items, record, score, trainer) -> TrainedLora:
+        cfg = self.config
+        groups = self._groups(job)
+        meta: dict[str, Any] = {
+            "prompt": hp["prompt"],
+            "groups_included": groups,
+            "train_example_ids": [it.image_id for it in items],
+            "train_example_sha256": [self.index.sha256(it) for it in items],
+            "hp": {k2: v for k2, v in hp.items() if v is not None},  # all of them (-> hp.*)
+            "resolution": cfg.data.resolution,
+            "num_images": len(items),
+            "steps_done": int(trainer.steps_done[k]),
+        }
+        scores = dict(score)
+        meta["final_train_loss"] = float(trainer.last_loss[k])  # NaN if it never stepped
+        if cfg.builder_args.membership_bits:
+            scores["membership"] = [int(g in groups) for g in self.index.groups]
+        if cfg.data.attributes is not None:
+            a = cfg.data.attributes
+            if self._attrs is None:
+                self._attrs = read_attribute_table(a, self.index)
+            labels, frac = aggregate_attributes(
+                self._attrs, meta["train_example_ids"], a.columns, file=a.path or self.index.source
+            )
+            scores["attributes"] = labels
+            scores["attribute_fraction"] = frac
+            meta["attribute_rule"] = (
+                f"{a.rule} vote over the LoRA's {len(items)} training images;"
+                " value > 0 is positive; tie -> False"
+            )
+        failed = trainer.failed_step[k]
+        if failed is not None:
+            return TrainedLora(
+                job,
+                None,
+                meta,
+                scores,
+                status="failed",
+                failed_step=int(failed),
+                error=f"loss became non-finite at step {failed}",
+            )
+        return TrainedLora(job, record, meta, scores)
+
+    # ---- evaluation ------------------------------------------------------------------------------
+    def evaluate(self, hps) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """Generate with the K LoRAs currently in the UNet wrappers (``hps[k]`` = LoRA k's
+        resolved hparams, for its prompt) in one denoising loop, then CLIP-score every image.
+        Returns per-LoRA scores and the evaluation config to store next to them."""
+        ev, pipe = self.config.eval, self.pipe
+        res = ev.resolution or self.config.data.resolution
+        prompts = [[p.replace("{prompt}", hp["prompt"]) for p in ev.prompts] for hp in hps]
+        with autocast_ctx(self.device, self.config.train.mixed_precision):
+            images = generate_grouped(
+                pipe,
+                prompts,
+                sampler=make_sampler(pipe, ev.sampler),
+                steps=ev.steps,
+                guidance=ev.guidance,
+                seed=ev.seed,
+                resolution=res,
+            )  # (K, P, 3, H, W)
+        flat = self.clip.score(images.flatten(0, 1), [s for lst in prompts for s in lst])
+        flat = flat.view(len(hps), len(ev.prompts))
+        cfg_rec = {
+            "prompts": list(ev.prompts),
+            "sampler": ev.sampler,
+            "steps": ev.steps,
+            "guidance": ev.guidance,
+            "seed": ev.seed,
+            "resolution": res,
+            "clip_model": self.clip.model_id,
+        }
+        scores = [
+            {"clip_score": float(row.mean()), "clip_score_per_prompt": row.tolist()} for row in flat
+        ]
+        return scores, cfg_rec
+
+
+def _seeds(job: JobSpec) -> dict[str, int]:
+    missing = [s for s in ("init", "data", "noise", "timestep") if s not in job.seeds]
+    if missing:
+        raise BuildError(
+            f"JobSpec.seeds lacks stream(s) {missing}", key=f"{job.lora_id}.seeds.{missing[0]}"
+        )
+    return {k: int(v) for k, v in job.seeds.items()}
+
+
+def _encode(pipe, prompts: list[str]) -> torch.Tensor:
+    from .eval import encode_prompts
+
+    return encode_prompts(pipe, prompts).detach().cpu().float()
+
+
+def _base_name(cfg: Config) -> str:
+    b = cfg.base_model
+    return (
+        f"{b.id}@{b.revision}"
+        if b.kind == "hub" and b.revision
+        else getattr(b, "id", "tiny-sd-config")
+    )

@@ -1,0 +1,245 @@
+"""PNG plots for a zoo's dataset card: label distributions, singular-value spectra per module
+family, and rank / alpha / hyperparameter histograms.
+
+Why these three: a reader deciding whether a zoo suits a weight-space-learning task needs to
+see (1) whether the labels vary enough to learn, (2) what the weights look like in a
+representation that does not depend on the arbitrary GL(r) factorisation (singular values of
+ΔW, computed from the r x r core in ``lora_zoo.load.symmetry.svals``; never a dense SVD), and (3) how
+the training hyperparameters were spread. Figures are drawn with matplotlib's object API
+(``Figure``, no pyplot state), so plotting is safe inside a library call and needs no display.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+PLOTS_DIR = "plots"
+_DPI = 110
+
+
+def module_family(name: str) -> str:
+    """``model.layers.3.self_attn.q_proj`` -> ``self_attn.q_proj`` (layer indices dropped, the
+    last two meaningful parts kept): one spectrum per kind of projection, across layers."""
+    parts = [p for p in name.split(".") if not p.isdigit()]
+    return ".".join(parts[-2:]) if len(parts) > 1 else (parts[0] if parts else name)
+
+
+def _figure(n_panels: int, ncols: int = 3, panel: tuple[float, float] = (4.2, 3.0)):
+    from matplotlib.figure import Figure
+
+    ncols = max(1, min(ncols, n_panels))
+    nrows = math.ceil(n_panels / ncols)
+    width = max(panel[0] * ncols, 7.0)  # room for the suptitle when there is one panel
+    fig = Figure(figsize=(width, panel[1] * nrows + 0.6), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax in axes[n_panels:]:
+        ax.set_visible(False)
+    return fig, axes[:n_panels]
+
+
+def _sample_rows(n: int, k: int) -> list[int]:
+    if n <= k:
+        return list(range(n))
+    return sorted({int(round(x)) for x in np.linspace(0, n - 1, k)})
+
+
+def _numeric_columns(zoo: Any, names: Sequence[str]) -> dict[str, np.ndarray]:
+    """{column: float values over all splits} for scalar numeric / bool columns."""
+    import pyarrow as pa
+
+    out: dict[str, np.ndarray] = {}
+    for name in names:
+        vals: list[Any] = []
+        typ = None
+        for s in zoo.splits:
+            col = zoo[s].table([name]).column(0)
+            typ = col.type
+            vals += col.to_pylist()
+        if typ is None or not (
+            pa.types.is_integer(typ) or pa.types.is_floating(typ) or pa.types.is_boolean(typ)
+        ):
+            continue
+        arr = np.array([np.nan if v is None else float(v) for v in vals], dtype=float)
+        if np.isfinite(arr).any():
+            out[name] = arr
+    return out
+
+
+def _hist(ax: Any, values: np.ndarray, title: str, color: str) -> None:
+    """Bars for a few distinct values (so each value is labelled), a histogram otherwise; a
+    log axis when positive values span more than two decades (learning rates)."""
+    from matplotlib.ticker import MaxNLocator
+
+    v = values[np.isfinite(values)]
+    ax.set_title(title, fontsize=10)
+    ax.set_ylabel("LoRAs")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    if v.size == 0:
+        ax.text(0.5, 0.5, "no finite values", ha="center", transform=ax.transAxes)
+        return
+    distinct = np.unique(v)
+    integral = bool(np.all(distinct == np.round(distinct)))
+    if distinct.size <= 12 and (integral or distinct.size <= v.size / 2):
+        counts = [int((v == d).sum()) for d in distinct]
+        labels = [f"{d:.3g}" for d in distinct]
+        ax.bar(range(len(distinct)), counts, color=color)
+        ax.set_xticks(
+            range(len(distinct)), labels, rotation=45 if len(distinct) > 6 else 0, fontsize=8
+        )
+        return
+    if v.min() > 0 and v.max() / v.min() > 100:
+        bins = np.logspace(np.log10(v.min()), np.log10(v.max()), 30)
+        ax.set_xscale("log")
+    else:
+        bins = min(30, max(5, v.size // 4))
+    ax.hist(v, bins=bins, color=color, edgecolor="white", linewidth=0.4)
+    ax.tick_params(labelsize=8)
+
+
+def plot_labels(zoo: Any, path: Path, max_panels: int = 12) -> Path | None:
+    cols = _numeric_columns(zoo, zoo[zoo.splits[0]].label_columns) if zoo.splits else {}
+    if not cols:
+        return None
+    items = list(cols.items())[:max_panels]
+    fig, axes = _figure(len(items))
+    for ax, (name, vals) in zip(axes, items):
+        fin = vals[np.isfinite(vals)]
+        extra = f"  (mean {fin.mean():.3g})" if fin.size else ""
+        _hist(ax, vals, f"{name}{extra}", "#3b7dd8")
+    fig.suptitle(f"Label distributions ({len(next(iter(cols.values())))} LoRAs)")
+    fig.savefig(path, dpi=_DPI)
+    return path
+
+
+def plot_hparams(zoo: Any, path: Path, max_panels: int = 9) -> Path | None:
+    if not zoo.splits:
+        return None
+    ranks: list[float] = []
+    alphas: list[float] = []
+    for s in zoo.splits:
+        t = zoo[s].table(["rank", "adapter_config"])
+        ranks += [float(r) for r in t.column("rank").to_pylist()]
+        for cfg in t.column("adapter_config").to_pylist():
+            a = json.loads(cfg).get("lora_alpha")
+            alphas.append(np.nan if a is None else float(a))
+    panels: list[tuple[str, np.ndarray]] = [
+        ("rank (max over modules)", np.array(ranks)),
+        ("lora_alpha", np.array(alphas)),
+    ]
+    meta = zoo[zoo.splits[0]].metadata_columns
+    varied = [c for c in meta if c.startswith("hp.")]  # constant ones are dropped below
+    others = [c for c in meta if not c.startswith(("hp.", "seed.", "job_index"))]
+    for name, vals in {**_numeric_columns(zoo, varied), **_numeric_columns(zoo, others)}.items():
+        if np.unique(vals[np.isfinite(vals)]).size > 1 and len(panels) < max_panels:
+            panels.append((name, vals))
+    fig, axes = _figure(len(panels))
+    for ax, (name, vals) in zip(axes, panels):
+        _hist(ax, vals, name, "#d8703b")
+    fig.suptitle("Ranks, alphas and training hyperparameters")
+    fig.savefig(path, dpi=_DPI)
+    return path
+
+
+def family_spectra(zoo: Any, max_loras: int = 64) -> dict[str, np.ndarray]:
+    """{module family: (n_modules_sampled, r_max) singular values of ΔW (NaN past a module's
+    rank)} over up to ``max_loras`` LoRAs spread across the zoo."""
+    from lora_zoo.load.symmetry import svals
+
+    per: dict[str, list[np.ndarray]] = defaultdict(list)
+    for s in zoo.splits:
+        split = zoo[s]
+        k = max(1, round(max_loras * len(split) / max(1, len(zoo))))
+        for i in _sample_rows(len(split), k):
+            rec = split.record(i)
+            for name, mod in rec.modules.items():
+                u, v = mod.factors(fold_scale=True)  # (out, r), (in*, r)
+                per[module_family(name)].append(svals(u.float(), v.float()).numpy())
+    out = {}
+    for fam, rows in per.items():
+        r = max(len(x) for x in rows)
+        arr = np.full((len(rows), r), np.nan)
+        for j, x in enumerate(rows):
+            arr[j, : len(x)] = x
+        out[fam] = arr
+    return out
+
+
+def plot_spectra(zoo: Any, path: Path, max_loras: int = 64, max_panels: int = 12) -> Path | None:
+    spectra = family_spectra(zoo, max_loras)
+    if not spectra:
+        return None
+    items = sorted(spectra.items())[:max_panels]
+    fig, axes = _figure(len(items))
+    for ax, (fam, arr) in zip(axes, items):
+        arr = np.where(arr > 0, arr, np.nan)
+        idx = np.arange(1, arr.shape[1] + 1)
+        with np.errstate(all="ignore"):
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                med = np.nanmedian(arr, axis=0)
+                lo, hi = np.nanpercentile(arr, 10, axis=0), np.nanpercentile(arr, 90, axis=0)
+        ax.fill_between(idx, lo, hi, color="#2a9d8f", alpha=0.25, label="10-90%")
+        ax.plot(idx, med, "o-", color="#1d6f65", ms=3, label="median")
+        ax.set_yscale("log")
+        from matplotlib.ticker import FuncFormatter, NullFormatter
+
+        plain = FuncFormatter(lambda y, _pos: f"{y:.3g}")
+        ax.yaxis.set_major_formatter(plain)
+        fin = arr[np.isfinite(arr)]
+        decades = np.log10(fin.max() / fin.min()) if fin.size else 0.0
+        # label minor ticks only when the axis spans too little for major ones to read
+        ax.yaxis.set_minor_formatter(plain if decades < 1.5 else NullFormatter())
+        ax.tick_params(axis="y", which="minor", labelsize=7)
+        ax.set_xlabel("singular value index")
+        ax.set_ylabel("σ of ΔW")
+        ax.set_title(f"{fam}  ({arr.shape[0]} modules)", fontsize=10)
+        ax.set_xticks(idx if idx.size <= 16 else idx[:: max(1, idx.size // 8)])
+        ax.tick_params(labelsize=8)
+        ax.legend(fontsize=7, loc="upper right")
+    fig.suptitle("Singular-value spectra of ΔW = (α/r)·B·A per module family")
+    fig.savefig(path, dpi=_DPI)
+    return path
+
+
+def make_plots(zoo: Any, out_dir: str | Path, max_loras: int = 64) -> dict[str, str]:
+    """Draw every plot that has data into ``out_dir``; {kind: file name}."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    made: dict[str, str] = {}
+    for kind, fn in (("labels", plot_labels), ("spectra", plot_spectra), ("hparams", plot_hparams)):
+        path = out_dir / f"{kind}.png"
+        try:
+            res = fn(zoo, path) if kind != "spectra" else fn(zoo, path, max_loras)
+        except Exception as e:  # a plot must never block a card: log and go on
+            log.warning("plot %s failed: %s: %s", kind, type(e).__name__, e)
+            continue
+        if res is not None:
+            made[kind] = path.name
+    return made
+
+
+def safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
+
+
+__all__ = [
+    "family_spectra",
+    "make_plots",
+    "module_family",
+    "plot_hparams",
+    "plot_labels",
+    "plot_spectra",
+]

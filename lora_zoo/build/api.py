@@ -1,0 +1,108 @@
+"""The contract between the runner and a builder (a zoo family).
+
+Recipes stop at ``plan.py``: a builder never sees a recipe, only its own validated ``Config``
+(built from the recipe's builder-facing sections) and flat, fully resolved ``JobSpec``s. That
+keeps builders testable in isolation and lets ``rebuild`` re-run a single job from a zoo.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
+
+from pydantic import BaseModel
+
+from lora_zoo._io import cache_root
+from lora_zoo.record import LoraRecord
+
+# Sections of a recipe that are handed to the builder's Config (validated there, extra=forbid).
+BUILDER_SECTIONS = ("base_model", "lora", "data", "train", "eval", "builder_args")
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """One LoRA to train, with every value resolved.
+
+    ``seeds`` holds independent named streams derived in ``seeding.py`` from (recipe seed, index):
+    at least ``init``, ``data`` (subset draw and data order) and ``dropout``; builders may find
+    more there (``noise``, ``timestep``, ``eval``). ``hparams`` are the resolved per-LoRA
+    hyperparameters (lr, weight_decay, epochs|steps, batch_size, dropout, r, alpha, ...).
+    ``data`` is the resolved data selection (``groups_included``, ``groups_excluded``,
+    ``subset_size``, optionally ``example_ids``). ``extra`` carries anything else varied per LoRA
+    (e.g. ``prompt``).
+    """
+
+    index: int
+    lora_id: str
+    seeds: Mapping[str, int]
+    hparams: Mapping[str, Any]
+    data: Mapping[str, Any] = field(default_factory=dict)
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        return {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> JobSpec:
+        return cls(
+            index=int(d["index"]),
+            lora_id=str(d["lora_id"]),
+            seeds=dict(d.get("seeds", {})),
+            hparams=dict(d.get("hparams", {})),
+            data=dict(d.get("data", {})),
+            extra=dict(d.get("extra", {})),
+        )
+
+
+@dataclass
+class TrainedLora:
+    """What a builder returns per job.
+
+    ``metadata`` is what the LoRA *is* (training example ids, groups included, prompt, final
+    train loss...); ``scores`` are its downstream labels (eval loss, accuracy, CLIP score, per-group
+    losses...). Both must be JSON/Arrow-friendly: numbers, strings, bools, lists of those, or
+    flat dicts of those. A failed job has ``status="failed"``, ``record=None`` and ``error`` set
+    (``failed_step`` when the loss diverged); the runner records it and never packs it.
+    """
+
+    job: JobSpec
+    record: LoraRecord | None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    scores: dict[str, Any] = field(default_factory=dict)
+    status: Literal["done", "failed"] = "done"
+    error: str | None = None
+    failed_step: int | None = None
+    wall_time_s: float = 0.0
+
+
+@runtime_checkable
+class Builder(Protocol):
+    """A zoo family. Registered under the ``lora_zoo.builders`` entry-point group.
+
+    ``VERSION`` must be bumped whenever the same job could produce different outputs, so
+    ``rebuild`` can refuse silent drift.
+    """
+
+    NAME: ClassVar[str]
+    VERSION: ClassVar[str]
+    Config: ClassVar[type[BaseModel]]
+
+    def __init__(
+        self, config: BaseModel, *, device: str = "cpu", cache_dir: str | None = None
+    ) -> None: ...
+
+    def train(self, jobs: Sequence[JobSpec]) -> list[TrainedLora]:
+        """Train these jobs (the runner hands at most ``train.k`` at a time, sharing one
+        batched pass) and return one TrainedLora per job, in order."""
+        ...
+
+    @classmethod
+    def list_groups(cls, config: BaseModel) -> list[str]:
+        """The group names of the data source (for recipes whose subset says
+        ``groups: from_data``). Builders whose data has no groups return []."""
+        ...
+
+
+__all__ = ["BUILDER_SECTIONS", "Builder", "JobSpec", "TrainedLora", "cache_root"]

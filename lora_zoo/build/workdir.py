@@ -1,0 +1,274 @@
+"""A build's work dir: the append-only job state log and the finished LoRAs, crash-safe.
+
+Why a log plus files and no database: a ``kill -9`` can land anywhere, and both an append of
+one fsynced line and a rename are atomic on POSIX file systems. ``runner.py`` explains the
+layout and the recovery rules; this module implements them (split out of runner.py, which
+re-exports everything here).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lora_zoo._io import atomic_write_bytes
+from lora_zoo.build import plan as planlib
+from lora_zoo.build.api import JobSpec, TrainedLora
+from lora_zoo.build.recipe import Recipe
+from lora_zoo.errors import BuildError
+from lora_zoo.record import LoraRecord
+
+log = logging.getLogger(__name__)
+
+PENDING, RUNNING, DONE, FAILED = "pending", "running", "done", "failed"
+
+
+def work_dir_for(out: str | os.PathLike[str], shard: tuple[int, int] | None = None) -> Path:
+    out = Path(out)
+    return out / ".build" if shard is None else out / f".build-shard-{shard[0]}-of-{shard[1]}"
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"0/4"`` -> (0, 4)."""
+    i, sep, n = text.partition("/")
+    try:
+        si, sn = int(i), int(n)
+    except ValueError:
+        si = sn = -1
+    if not sep or sn < 1 or not 0 <= si < sn:
+        raise BuildError(f"--shard must be I/N with 0 <= I < N, got {text!r}", key="shard")
+    return si, sn
+
+
+def canonical_safetensors(data: bytes) -> bytes:
+    """The same safetensors file with its JSON header keys sorted.
+
+    Why: the safetensors writer keeps ``__metadata__`` and the tensor entries in a hash map
+    whose order changes from process to process, so one tensor dict saved in two processes
+    gives different bytes. Sorting the header (tensor data and offsets are untouched) makes the
+    bytes a function of the content, which resume-equals-clean-build needs."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(dict(sorted(header.items())), separators=(",", ":"), ensure_ascii=False)
+    raw = text.encode()
+    raw += b" " * (-len(raw) % 8)  # keep the data 8-byte aligned, as safetensors does
+    return len(raw).to_bytes(8, "little") + raw + data[8 + n :]
+
+
+class _CanonicalRecord(LoraRecord):
+    """A LoraRecord whose bytes (what ZooWriter stores) have a sorted header; see above."""
+
+    def to_safetensors_bytes(self, metadata: Any = None) -> bytes:
+        return canonical_safetensors(super().to_safetensors_bytes(metadata))
+
+
+def _plain(v: Any) -> Any:
+    """JSON-able copy (numpy / torch scalars -> Python, tuples -> lists)."""
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if hasattr(v, "tolist"):
+        return v.tolist()
+    if hasattr(v, "item"):
+        return v.item()
+    return v
+
+
+@dataclass
+class JobState:
+    state: str = PENDING
+    attempts: int = 0
+    reason: str | None = None
+    failed_step: int | None = None
+    diverged: bool = False
+    wall_time_s: float | None = None
+
+
+class WorkDir:
+    """One build's (or shard's) on-disk state; see the module docstring for the layout."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+        self.loras = self.root / "loras"
+        self.log_path = self.root / "state.jsonl"
+
+    # ---- creation / checks ------------------------------------------------------------------
+    def init(
+        self,
+        recipe: Recipe,
+        jobs: Sequence[JobSpec],
+        shard: tuple[int, int] | None,
+        builder: dict[str, Any],
+        *,
+        k: int | None = None,
+        all_indices: Sequence[int] | None = None,
+    ) -> None:
+        """Create the work dir, or check that an existing one is for the same build.
+
+        ``k`` is part of a build's identity: it decides which LoRAs share a batched pass, and
+        so (for batched builders) their bits. ``all_indices`` are the jobs of the whole build
+        (every shard): ``pack`` uses them to refuse a merge that misses a shard."""
+        meta = {
+            "recipe_sha256": recipe.sha256(),
+            "shard": list(shard) if shard else None,
+            "num_loras": recipe.model.num_loras,
+            "indices": [j.index for j in jobs],
+            "builder": builder,
+            "k": k,
+            "all_indices": list(all_indices) if all_indices is not None else None,
+        }
+        bj = self.root / "build.json"
+        if bj.exists():
+            old = self.meta()
+            for key in ("recipe_sha256", "shard", "indices", "k"):
+                if key not in old and key == "k":
+                    continue  # work dir from before k was recorded
+                if old.get(key) != meta[key]:
+                    raise BuildError(
+                        f"this work dir holds a different build ({key} differs); "
+                        "use another --out or delete it",
+                        file=bj,
+                        key=key,
+                    )
+            if old["builder"]["VERSION"] != builder["VERSION"]:
+                raise BuildError(
+                    f"work dir was started with builder VERSION "
+                    f"{old['builder']['VERSION']}, installed is {builder['VERSION']}",
+                    file=bj,
+                    key="builder.VERSION",
+                )
+            if old["builder"]["source_sha256"] != builder["source_sha256"]:
+                log.warning("builder source changed since this build started (%s)", bj)
+            return
+        self.loras.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self.root / "recipe.yaml", recipe.resolved_yaml().encode())
+        atomic_write_bytes(self.root / "recipe.orig.yaml", recipe.text.encode())
+        atomic_write_bytes(self.root / "jobs.jsonl", planlib.jobs_to_jsonl(jobs).encode())
+        atomic_write_bytes(bj, json.dumps(meta, indent=1, sort_keys=True).encode())
+
+    def meta(self) -> dict[str, Any]:
+        p = self.root / "build.json"
+        if not p.exists():
+            raise BuildError("not a build work dir (no build.json)", file=self.root)
+        return json.loads(p.read_text())
+
+    def jobs(self) -> list[JobSpec]:
+        return planlib.jobs_from_jsonl((self.root / "jobs.jsonl").read_text())
+
+    def resolved(self) -> dict[str, Any]:
+        return yaml.safe_load((self.root / "recipe.yaml").read_text())
+
+    # ---- state log ----------------------------------------------------------------------------
+    def append(self, index: int, state: str, **kw: Any) -> None:
+        line = json.dumps({"i": index, "state": state, **kw}, sort_keys=True) + "\n"
+        with open(self.log_path, "a", encoding="utf-8") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def replay(self) -> dict[int, JobState]:
+        """Latest state per job index; a torn last line (kill mid-write) is ignored."""
+        states: dict[int, JobState] = {}
+        if not self.log_path.exists():
+            return states
+        for line in self.log_path.read_text(encoding="utf-8").splitlines():
+            try:
+                ev = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            st = states.setdefault(int(ev["i"]), JobState())
+            st.state = ev["state"]
+            st.attempts = int(ev.get("attempts", st.attempts))
+            st.reason = ev.get("reason")
+            st.failed_step = ev.get("failed_step")
+            st.diverged = bool(ev.get("diverged", False))
+            if ev.get("wall_time_s") is not None:
+                st.wall_time_s = float(ev["wall_time_s"])
+        return states
+
+    # ---- results ------------------------------------------------------------------------------
+    def _paths(self, index: int) -> tuple[Path, Path]:
+        return self.loras / f"{index:06d}.safetensors", self.loras / f"{index:06d}.json"
+
+    def write_result(self, tl: TrainedLora, weights: bytes) -> None:
+        st_path, js_path = self._paths(tl.job.index)
+        doc = {
+            "index": tl.job.index,
+            "lora_id": tl.job.lora_id,
+            "job": tl.job.to_dict(),
+            "metadata": _plain(tl.metadata),
+            "scores": _plain(tl.scores),
+            "weights_sha256": hashlib.sha256(weights).hexdigest(),
+        }
+        try:
+            text = json.dumps(doc, sort_keys=True, allow_nan=True)
+        except (TypeError, ValueError) as e:
+            raise BuildError(
+                f"builder metadata/scores are not JSON-able: {e}", key=tl.job.lora_id
+            ) from e
+        atomic_write_bytes(st_path, weights)
+        atomic_write_bytes(js_path, text.encode())
+
+    def read_result(self, index: int) -> tuple[bytes, dict[str, Any]] | None:
+        """(weights, doc) when both files are complete and agree, else None."""
+        st_path, js_path = self._paths(index)
+        if not (st_path.exists() and js_path.exists()):
+            return None
+        try:
+            doc = json.loads(js_path.read_text())
+        except json.JSONDecodeError:
+            return None
+        weights = st_path.read_bytes()
+        if hashlib.sha256(weights).hexdigest() != doc.get("weights_sha256"):
+            return None
+        return weights, doc
+
+    def has_result(self, index: int) -> bool:
+        return self.read_result(index) is not None
+
+    def current(
+        self, jobs: Sequence[JobSpec], max_attempts: int, retry_failed: bool = False
+    ) -> dict[int, JobState]:
+        """Replayed states, reconciled with the files (see the module docstring)."""
+        states = self.replay()
+        out: dict[int, JobState] = {}
+        for j in jobs:
+            st = states.get(j.index, JobState())
+            if self.has_result(j.index):
+                if st.state != DONE:
+                    self.append(j.index, DONE, attempts=st.attempts, recovered=True)
+                st.state = DONE
+            elif st.state == DONE or st.state == RUNNING:
+                st.state = PENDING  # files missing / never written: train again
+            elif st.state == FAILED and not st.diverged:
+                if retry_failed:
+                    st.attempts = 0
+                if st.attempts < max_attempts:
+                    st.state = PENDING
+            out[j.index] = st
+        return out
+
+
+def chunks(jobs: Sequence[JobSpec], k: int) -> list[list[JobSpec]]:
+    """Fixed consecutive chunks of ``k`` (the batching never depends on what is done)."""
+    return [list(jobs[i : i + k]) for i in range(0, len(jobs), max(1, k))]
+
+
+def shard_chunks(jobs: Sequence[JobSpec], k: int, shard: tuple[int, int]) -> list[list[JobSpec]]:
+    """Shard ``I/N`` takes every N-th chunk of ``k`` (chunk number % N == I) of the whole
+    build. Why whole chunks, not ``index % N``: a LoRA then shares its batched pass with the
+    same neighbours as in an unsharded build, so merged shards equal a single build bit for bit
+    even for builders whose batched kernels are not bitwise batch-invariant."""
+    si, sn = shard
+    return [c for n, c in enumerate(chunks(jobs, k)) if n % sn == si]

@@ -1,0 +1,252 @@
+"""The manifest (``lora_zoo.json``): what a zoo contains, and the checks that it is intact.
+
+The manifest is the zoo's commit point: the writer renames it into place last, so a directory
+without one is an unfinished write, and every shard a manifest lists carries its row count, size
+and sha256. ``verify`` re-derives all of those from the bytes (local or any fsspec filesystem), so
+a zoo downloaded from anywhere can be checked without trusting the transport.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import posixpath
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import pyarrow.parquet as pq
+
+from lora_zoo._io import TMP_SUFFIX, atomic_write_bytes, sha256_file
+from lora_zoo.errors import ZooFormatError
+from lora_zoo.zoo.schema import (
+    DATA_DIR,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    README_NAME,
+    ROLES,
+    SPLITS_DIR,
+    schema_matches,
+)
+
+log = logging.getLogger(__name__)
+
+# Keys of format version 1, pinned by tests/unit/zoo/test_manifest.py and docs/FORMAT.md.
+MANIFEST_KEYS = (
+    "format_version",
+    "lora_zoo_version",
+    "num_rows",
+    "splits",
+    "columns",
+    "named_splits",
+    "info",
+)
+SPLIT_KEYS = ("num_rows", "num_bytes", "shards")
+SHARD_KEYS = ("path", "num_rows", "num_bytes", "sha256")
+
+
+def as_fs(root_or_fs: Any, root: str | os.PathLike[str] | None = None):
+    """(filesystem, root path) from a local path, or from an fsspec filesystem plus a root."""
+    if isinstance(root_or_fs, fsspec.AbstractFileSystem):
+        if root is None:
+            raise ValueError("a filesystem needs a root path")
+        return root_or_fs, str(root).rstrip("/")
+    return fsspec.filesystem("file"), str(Path(root_or_fs).resolve())
+
+
+def join(root: str, rel: str) -> str:
+    return posixpath.join(root, rel) if root else rel
+
+
+def write_manifest(root: str | os.PathLike[str], manifest: Mapping[str, Any]) -> None:
+    data = json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"
+    atomic_write_bytes(Path(root) / MANIFEST_NAME, data.encode())
+
+
+# ---- reading + structural validation -----------------------------------------------------------
+def validate_manifest(m: Any, *, file: str) -> dict[str, Any]:
+    """Check the manifest's structure (not the shards' bytes) with errors naming the key."""
+    if not isinstance(m, dict):
+        raise ZooFormatError("manifest is not a JSON object", file=file)
+    for k in ("format_version", "splits", "columns"):
+        if k not in m:
+            raise ZooFormatError("missing key", file=file, key=k)
+    fv = m["format_version"]
+    if not isinstance(fv, int) or fv > FORMAT_VERSION or fv < 1:
+        raise ZooFormatError(
+            f"format_version {fv!r} is not supported (this lora-zoo reads 1..{FORMAT_VERSION}; "
+            "upgrade lora-zoo)",
+            file=file,
+            key="format_version",
+        )
+    if not isinstance(m["splits"], dict):
+        raise ZooFormatError("must be an object {split: {...}}", file=file, key="splits")
+    for s, sp in m["splits"].items():
+        if not isinstance(sp, dict) or not isinstance(sp.get("shards"), list):
+            raise ZooFormatError("needs a 'shards' list", file=file, key=f"splits.{s}")
+        for i, sh in enumerate(sp["shards"]):
+            for k in SHARD_KEYS:
+                if not isinstance(sh, dict) or k not in sh:
+                    raise ZooFormatError("missing key", file=file, key=f"splits.{s}.shards.{i}.{k}")
+            p = sh["path"]
+            if not isinstance(p, str) or p.startswith("/") or ".." in p.split("/"):
+                raise ZooFormatError(
+                    f"unsafe shard path {p!r}", file=file, key=f"splits.{s}.shards.{i}.path"
+                )
+    if not isinstance(m["columns"], list):
+        raise ZooFormatError("must be a list", file=file, key="columns")
+    for i, c in enumerate(m["columns"]):
+        if not isinstance(c, dict) or not {"name", "type", "role"} <= c.keys():
+            raise ZooFormatError("needs name, type, role", file=file, key=f"columns.{i}")
+        if c["role"] not in ROLES:
+            raise ZooFormatError(f"unknown role {c['role']!r}", file=file, key=f"columns.{i}.role")
+    m.setdefault("named_splits", {})
+    m.setdefault("info", {})
+    return m
+
+
+def read_manifest(fs, root: str) -> dict[str, Any]:
+    path = join(root, MANIFEST_NAME)
+    if not fs.exists(path):
+        raise ZooFormatError(
+            "no lora_zoo.json: not a zoo, or its write never finished (the manifest is written "
+            "last)",
+            file=path,
+        )
+    try:
+        with fs.open(path, "rb") as f:
+            m = json.loads(f.read())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ZooFormatError(f"manifest is not valid JSON ({e})", file=path) from e
+    return validate_manifest(m, file=path)
+
+
+def all_shards(m: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    return [(s, sh) for s, sp in m["splits"].items() for sh in sp["shards"]]
+
+
+# ---- verify -----------------------------------------------------------------------------------
+def verify(root_or_fs: Any, root: str | None = None, *, hashes: bool = True) -> list[str]:
+    """Every problem found (empty list = intact): shard sha256, size and row counts, schema
+    agreement with the manifest, duplicate ids, named splits, README configs, unknown or
+    leftover temp files under data/. Each message names the file."""
+    fs, root = as_fs(root_or_fs, root)
+    try:
+        m = read_manifest(fs, root)
+    except ZooFormatError as e:
+        return [str(e)]
+    problems: list[str] = []
+    listed = set()
+    ids: dict[str, str] = {}
+    for _split, sh in all_shards(m):
+        rel = sh["path"]
+        listed.add(rel)
+        path = join(root, rel)
+        if not fs.exists(path):
+            problems.append(f"{rel}: shard listed in the manifest is missing")
+            continue
+        if hashes:
+            digest, size = sha256_file(fs, path)
+            if size != sh["num_bytes"]:
+                problems.append(f"{rel}: size {size} != manifest num_bytes {sh['num_bytes']}")
+            if digest != sh["sha256"]:
+                problems.append(f"{rel}: sha256 {digest} != manifest {sh['sha256']}")
+                continue
+        try:
+            with fs.open(path, "rb") as f:
+                pf = pq.ParquetFile(f)
+                if pf.metadata.num_rows != sh["num_rows"]:
+                    problems.append(
+                        f"{rel}: {pf.metadata.num_rows} rows != manifest num_rows {sh['num_rows']}"
+                    )
+                diff = schema_matches(pf.schema_arrow, m["columns"])
+                if diff:
+                    problems.append(f"{rel}: {diff}")
+                for lid in pf.read(columns=["lora_id"]).column(0).to_pylist():
+                    if lid in ids:
+                        problems.append(f"{rel}: duplicate lora_id {lid!r} (also in {ids[lid]})")
+                    ids[lid] = rel
+        except Exception as e:  # unreadable Parquet: report, keep checking the rest
+            problems.append(f"{rel}: not readable Parquet ({type(e).__name__}: {e})")
+    for split, sp in m["splits"].items():
+        n = sum(sh["num_rows"] for sh in sp["shards"])
+        if sp.get("num_rows", n) != n:
+            problems.append(f"{MANIFEST_NAME}: splits.{split}.num_rows {sp['num_rows']} != {n}")
+    problems += _check_data_dir(fs, root, listed)
+    problems += _check_named_splits(fs, root, m, set(ids))
+    problems += _check_readme(fs, root, m)
+    return problems
+
+
+def _check_data_dir(fs, root: str, listed: set[str]) -> list[str]:
+    out = []
+    data = join(root, DATA_DIR)
+    if not fs.exists(data):
+        return out
+    for p in sorted(fs.find(data)):
+        rel = posixpath.relpath(p, root) if root else p
+        if rel in listed:
+            continue
+        if p.endswith(TMP_SUFFIX):
+            out.append(f"{rel}: leftover temp file from an interrupted write (safe to delete)")
+        else:
+            out.append(f"{rel}: unknown file in data/ (not listed in the manifest)")
+    return out
+
+
+def _check_named_splits(fs, root: str, m: Mapping[str, Any], ids: set[str]) -> list[str]:
+    out = []
+    for name, ns in (m.get("named_splits") or {}).items():
+        rel = ns.get("path", f"{SPLITS_DIR}/{name}.json") if isinstance(ns, dict) else ""
+        path = join(root, rel)
+        if not rel or not fs.exists(path):
+            out.append(f"{rel or name}: named split {name!r} listed in the manifest is missing")
+            continue
+        if isinstance(ns, dict) and "sha256" in ns and sha256_file(fs, path)[0] != ns["sha256"]:
+            out.append(f"{rel}: sha256 differs from the manifest's named_splits.{name}")
+        try:
+            with fs.open(path, "rb") as f:
+                assign = json.loads(f.read())
+        except Exception as e:
+            out.append(f"{rel}: not valid JSON ({e})")
+            continue
+        seen: set[str] = set()
+        for split, members in assign.items():
+            for lid in members:
+                if lid in seen:
+                    out.append(f"{rel}: lora_id {lid!r} is in two splits")
+                elif ids and lid not in ids:
+                    out.append(f"{rel}: lora_id {lid!r} (split {split!r}) is not in the zoo")
+                seen.add(lid)
+    return out
+
+
+def _check_readme(fs, root: str, m: Mapping[str, Any]) -> list[str]:
+    """The README's `configs:` must list exactly the manifest's shards, or the Hub and
+    ``datasets.load_dataset`` would read different rows than lora_zoo does."""
+    import yaml
+
+    path = join(root, README_NAME)
+    if not fs.exists(path):
+        return [f"{README_NAME}: missing (datasets.load_dataset needs its configs header)"]
+    with fs.open(path, "rb") as f:
+        text = f.read().decode("utf-8", "replace")
+    if not text.startswith("---"):
+        return [f"{README_NAME}: no YAML header with configs"]
+    try:
+        header = yaml.safe_load(text.split("---", 2)[1]) or {}
+    except yaml.YAMLError as e:
+        return [f"{README_NAME}: YAML header does not parse ({e})"]
+    got: dict[str, list[str]] = {}
+    for cfg in header.get("configs") or []:
+        if cfg.get("config_name", "default") != "default":
+            continue
+        for df in cfg.get("data_files") or []:
+            p = df.get("path")
+            got[df.get("split")] = [p] if isinstance(p, str) else list(p or [])
+    want = {s: [sh["path"] for sh in sp["shards"]] for s, sp in m["splits"].items() if sp["shards"]}
+    if got != want:
+        return [f"{README_NAME}: configs data_files {got} != manifest shards {want}"]
+    return []
