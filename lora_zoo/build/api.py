@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel
 
-from lora_zoo._io import cache_root
+from lora_zoo._io import cache_root, stable_permutation
 from lora_zoo.record import LoraRecord
 
 # Sections of a recipe that are handed to the builder's Config (validated there, extra=forbid).
@@ -105,4 +105,4 @@ class Builder(Protocol):
         ...
 
 
-__all__ = ["BUILDER_SECTIONS", "Builder", "JobSpec", "TrainedLora", "cache_root"]
+__all__ = ["BUILDER_SECTIONS", "Builder", "JobSpec", "TrainedLora", "cache_root", "stable_permutation"]
