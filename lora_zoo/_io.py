@@ -80,6 +80,59 @@ def natural_key(s: str) -> list[Any]:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
 
 
+_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+def safe_relpath(
+    path: Any,
+    *,
+    file: str | os.PathLike[str] | None = None,
+    key: str | None = None,
+    under: tuple[str, ...] | None = None,
+) -> str:
+    """The one check for every path that comes from a zoo, a manifest, a Hub listing or an
+    archive: a relative POSIX path with no ``..``, no absolute root, no backslash or drive letter,
+    no empty or ``.`` segment, optionally inside one of the folders ``under`` allows. Returns it
+    unchanged; raises ``PathEscapeError`` naming the file and key otherwise.
+
+    Why so strict: these paths are joined to a destination folder on the user's disk (pull,
+    ingest, merge, named splits). Anything that is not plainly "a file below here" is refused
+    rather than normalised, so no two spellings can mean different files on different OSes.
+    ``resolve_under`` adds the symlink check once the folder exists."""
+    from lora_zoo.errors import PathEscapeError
+
+    def bad(why: str) -> PathEscapeError:
+        return PathEscapeError(f"unsafe path {path!r}: {why}", file=file, key=key)
+
+    if not isinstance(path, str) or not path:
+        raise bad("not a non-empty string")
+    if "\\" in path or _DRIVE.match(path) or "\x00" in path:
+        raise bad("backslash, drive letter or NUL")
+    if path.startswith("/"):
+        raise bad("absolute")
+    parts = path.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise bad("empty, '.' or '..' segment")
+    if under is not None and (len(parts) < 2 or parts[0] not in under):
+        raise bad(f"must be inside {', '.join(under)}/")
+    return path
+
+
+def resolve_under(root: str | os.PathLike[str], rel: str, **kw: Any) -> Path:
+    """``root / rel`` after ``safe_relpath``, refusing a result that a symlink inside ``root``
+    points outside of it (``Path.resolve`` follows every link that already exists)."""
+    from lora_zoo.errors import PathEscapeError
+
+    safe_relpath(rel, **kw)
+    base = Path(root).resolve()
+    target = (base / rel).resolve()
+    if target != base and base not in target.parents:
+        raise PathEscapeError(
+            f"{rel!r} resolves outside {base} (symlink)", file=kw.get("file"), key=kw.get("key")
+        )
+    return base / rel
+
+
 def stable_permutation(n: int, seed: int, salt: str = "") -> list[int]:
     """A seeded permutation of ``range(n)`` that depends on nothing but ``(n, seed, salt)``.
 
@@ -88,6 +141,7 @@ def stable_permutation(n: int, seed: int, salt: str = "") -> list[int]:
     a builder's data order must come out the same years later on any platform. Scheme (v1,
     stable forever): sort ``i`` by ``sha256(f"lora-zoo/perm/v1/{seed}/{salt}/{i}")``.
     """
+
     def key(i: int) -> bytes:
         return hashlib.sha256(f"lora-zoo/perm/v1/{int(seed)}/{salt}/{i}".encode()).digest()
 
@@ -106,6 +160,8 @@ __all__ = [
     "cache_root",
     "fsync_dir",
     "natural_key",
+    "resolve_under",
+    "safe_relpath",
     "sha256_file",
     "sha256_local",
     "stable_permutation",

@@ -134,8 +134,9 @@ class FileTooLargeError(IngestError):
     """An input file is over the ingest size limit (``--max-file-mb``)."""
 
 
-class PathEscapeError(IngestError):
-    """A path found under a source (symlink, ``..``) resolves outside that source directory."""
+class PathEscapeError(IngestError, ZooFormatError):
+    """A path from a zoo, a manifest, a Hub listing or a source folder (absolute, ``..``, a
+    backslash or drive, a symlink) would resolve outside the folder it must stay in."""
 
 
 class MetadataTableError(IngestError):
@@ -144,3 +145,7 @@ class MetadataTableError(IngestError):
 
 class IncompatibleBaseModelError(LoraZooError):
     """Zoos / LoRAs for different base models (or module shapes) combined without asking to."""
+
+
+class DeviceUnavailableError(BuildError):
+    """``--device cuda`` where this process (or the Ray cluster) has no CUDA device."""

@@ -28,8 +28,15 @@ from typing import Any
 
 import fsspec
 
-from lora_zoo._io import atomic_write_bytes, cache_root, fsync_dir, sha256_local
-from lora_zoo.errors import IntegrityError, RemoteError
+from lora_zoo._io import (
+    atomic_write_bytes,
+    cache_root,
+    fsync_dir,
+    resolve_under,
+    safe_relpath,
+    sha256_local,
+)
+from lora_zoo.errors import IntegrityError, RemoteError, ZooFormatError
 from lora_zoo.remote.sources import (
     RemoteSpec,
     hub_api,
@@ -39,7 +46,7 @@ from lora_zoo.remote.sources import (
     resolve_hub,
 )
 from lora_zoo.zoo.manifest import all_shards, validate_manifest
-from lora_zoo.zoo.schema import MANIFEST_NAME, README_NAME
+from lora_zoo.zoo.schema import DATA_DIR, MANIFEST_NAME, README_NAME, SPLITS_DIR
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +63,7 @@ def read_remote_manifest(fs: Any, root: str) -> tuple[dict[str, Any], bytes]:
     try:
         m = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise IntegrityError(f"manifest is not valid JSON ({e})", file=path) from e
+        raise ZooFormatError(f"manifest is not valid JSON ({e})", file=path) from e
     return validate_manifest(m, file=path), raw
 
 
@@ -70,8 +77,13 @@ def download_file(
     size: int | None = None,
     name: str | None = None,
     chunk: int = 8 << 20,
+    max_bytes: int | None = None,
 ) -> None:
-    """Stream ``src`` to ``dst`` (temp + rename), checking sha256 / size when given."""
+    """Stream ``src`` to ``dst`` (temp + rename), checking sha256 / size when given.
+
+    The download stops as soon as more bytes arrive than declared (``size``) or allowed
+    (``max_bytes``, for files the manifest does not size): a hostile remote cannot fill the
+    disk by lying about a file, and nothing unverified is ever renamed into place."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
     h, n = hashlib.sha256(), 0
@@ -83,6 +95,15 @@ def download_file(
                     break
                 h.update(b)
                 n += len(b)
+                limit = size if size is not None else max_bytes
+                if limit is not None and n > limit:
+                    raise IntegrityError(
+                        f"more than {limit} bytes arrived ("
+                        + ("the manifest's size" if size is not None else "the size cap")
+                        + "); download stopped",
+                        file=name or src,
+                        key="num_bytes",
+                    )
                 fo.write(b)
             fo.flush()
             os.fsync(fo.fileno())
@@ -109,15 +130,25 @@ def _is_hf(fs: Any) -> bool:
 
 
 def zoo_files(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """{relative path: {sha256, size}} of the files a zoo needs (shards, named splits)."""
+    """{relative path: {sha256, size}} of the files a zoo needs (shards, named splits), every
+    path checked by ``safe_relpath`` (``validate_manifest`` already did; this is the last line
+    before a path is joined to the user's folder)."""
     out: dict[str, dict[str, Any]] = {}
-    for _split, sh in all_shards(manifest):
-        out[sh["path"]] = {"sha256": sh["sha256"], "size": sh["num_bytes"]}
+    for split, sh in all_shards(manifest):
+        rel = safe_relpath(sh["path"], file=MANIFEST_NAME, key=f"splits.{split}", under=(DATA_DIR,))
+        out[rel] = {"sha256": sh["sha256"], "size": sh["num_bytes"]}
     for name, ns in (manifest.get("named_splits") or {}).items():
         if isinstance(ns, dict):
-            rel = ns.get("path", f"splits/{name}.json")
-            out[rel] = {"sha256": ns.get("sha256"), "size": None}
+            rel = safe_relpath(ns.get("path", f"{SPLITS_DIR}/{name}.json"), file=MANIFEST_NAME,
+                               key=f"named_splits.{name}.path", under=(SPLITS_DIR,))  # fmt: skip
+            out[rel] = {"sha256": ns.get("sha256"), "size": ns.get("num_bytes")}
     return out
+
+
+#: cap for a file the manifest does not list (README.md, plots, recipe, jobs); raise per call
+UNLISTED_MAX_BYTES = 64 << 20
+#: cap for a whole pull; raise with ``max_total_bytes=`` / ``lora-zoo pull --max-gb``
+PULL_MAX_BYTES = int(os.environ.get("LORA_ZOO_MAX_PULL_BYTES", 256 << 30))
 
 
 def download_zoo(
@@ -129,10 +160,14 @@ def download_zoo(
     manifest_bytes: bytes | None = None,
     extra: bool = False,
     progress: bool = True,
+    max_total_bytes: int | None = None,
+    unlisted_max_bytes: int = UNLISTED_MAX_BYTES,
 ) -> Path:
     """Copy a zoo from ``fs:root`` into local ``dest`` with every hash checked; the manifest is
     written last (as the writer does), so ``dest`` is a zoo only once it is complete.
-    ``extra`` also copies the other visible files (recipe, jobs, plots, card assets)."""
+    ``extra`` also copies the other visible files (recipe, jobs, plots, card assets), each
+    capped at ``unlisted_max_bytes``. Every path stays inside ``dest`` (``resolve_under``), and
+    the declared total is checked against ``max_total_bytes`` before anything is fetched."""
     from tqdm.auto import tqdm
 
     if manifest is None or manifest_bytes is None:
@@ -146,15 +181,26 @@ def download_zoo(
         for p in fs.find(root):
             rel = posixpath.relpath(p, root)
             if rel != MANIFEST_NAME and not any(s.startswith(".") for s in rel.split("/")):
+                safe_relpath(rel, file=posixpath.join(root, rel), key="listing")
                 wanted.setdefault(rel, {"sha256": None, "size": None})
+    cap = PULL_MAX_BYTES if max_total_bytes is None else max_total_bytes
+    declared = sum(m["size"] or 0 for m in wanted.values())
+    if declared > cap:
+        raise IntegrityError(
+            f"the manifest declares {declared:,} bytes, over the pull limit of {cap:,} "
+            "(raise it with max_total_bytes= / lora-zoo pull --max-gb)",
+            file=posixpath.join(root, MANIFEST_NAME),
+            key="num_bytes",
+        )
     for rel, meta in tqdm(sorted(wanted.items()), desc="pull", unit="file", disable=not progress):
-        local = dest / rel
+        local = resolve_under(dest, rel, file=posixpath.join(root, rel), key="path")
         if meta["sha256"] and local.exists() and sha256_local(local) == meta["sha256"]:
             continue  # resumed pull: already here and intact
         src = posixpath.join(root, rel)
         if rel == README_NAME and not fs.exists(src):
             continue
-        download_file(fs, src, local, sha256=meta["sha256"], size=meta["size"], name=rel)
+        download_file(fs, src, local, sha256=meta["sha256"], size=meta["size"], name=rel,
+                      max_bytes=None if meta["size"] is not None else unlisted_max_bytes)  # fmt: skip
     atomic_write_bytes(dest / MANIFEST_NAME, manifest_bytes)  # last: dest is a zoo only now
     return dest
 

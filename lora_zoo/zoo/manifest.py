@@ -19,7 +19,7 @@ from typing import Any
 import fsspec
 import pyarrow.parquet as pq
 
-from lora_zoo._io import TMP_SUFFIX, atomic_write_bytes, sha256_file
+from lora_zoo._io import TMP_SUFFIX, atomic_write_bytes, safe_relpath, sha256_file
 from lora_zoo.errors import ZooFormatError
 from lora_zoo.zoo.schema import (
     DATA_DIR,
@@ -90,10 +90,19 @@ def validate_manifest(m: Any, *, file: str) -> dict[str, Any]:
             for k in SHARD_KEYS:
                 if not isinstance(sh, dict) or k not in sh:
                     raise ZooFormatError("missing key", file=file, key=f"splits.{s}.shards.{i}.{k}")
-            p = sh["path"]
-            if not isinstance(p, str) or p.startswith("/") or ".." in p.split("/"):
+            safe_relpath(
+                sh["path"], file=file, key=f"splits.{s}.shards.{i}.path", under=(DATA_DIR,)
+            )
+            for k in ("num_rows", "num_bytes"):
+                if not isinstance(sh[k], int) or isinstance(sh[k], bool) or sh[k] < 0:
+                    raise ZooFormatError(
+                        "must be a non-negative integer",
+                        file=file,
+                        key=f"splits.{s}.shards.{i}.{k}",
+                    )
+            if not isinstance(sh["sha256"], str):
                 raise ZooFormatError(
-                    f"unsafe shard path {p!r}", file=file, key=f"splits.{s}.shards.{i}.path"
+                    "must be a hex string", file=file, key=f"splits.{s}.shards.{i}.sha256"
                 )
     if not isinstance(m["columns"], list):
         raise ZooFormatError("must be a list", file=file, key="columns")
@@ -102,7 +111,26 @@ def validate_manifest(m: Any, *, file: str) -> dict[str, Any]:
             raise ZooFormatError("needs name, type, role", file=file, key=f"columns.{i}")
         if c["role"] not in ROLES:
             raise ZooFormatError(f"unknown role {c['role']!r}", file=file, key=f"columns.{i}.role")
-    m.setdefault("named_splits", {})
+    named = m.setdefault("named_splits", {})
+    if not isinstance(named, dict):
+        raise ZooFormatError("must be an object {name: {...}}", file=file, key="named_splits")
+    for name, ns in named.items():
+        where = f"named_splits.{name}"
+        if not isinstance(ns, dict):
+            raise ZooFormatError("must be an object", file=file, key=where)
+        safe_relpath(ns.get("path", f"{SPLITS_DIR}/{name}.json"), file=file, key=f"{where}.path",
+                     under=(SPLITS_DIR,))  # fmt: skip
+        missing = [k for k in ("sha256", "num_bytes") if k not in ns]
+        if missing and fv >= 2:
+            raise ZooFormatError(f"needs {' and '.join(missing)}", file=file, key=where)
+        if missing:
+            log.warning(
+                "%s: %s: a format-1 named split without %s: it is read with a size cap only "
+                "(re-save it with lora-zoo split to record them)",
+                file,
+                where,
+                " / ".join(missing),
+            )
     m.setdefault("info", {})
     return m
 

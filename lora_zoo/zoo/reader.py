@@ -155,8 +155,9 @@ class ZooSplit:
         k, g, r = self._locate(self._resolve(i))
         return self._row_group(k, g, ("weights",)).column(0)[r].as_py()
 
-    def record(self, i: int | str, *, validate: bool = False) -> LoraRecord:
-        """Decode one LoRA; dtypes as stored."""
+    def record(self, i: int | str, *, validate: bool = True) -> LoraRecord:
+        """Decode one LoRA; dtypes as stored. ``validate`` (default) refuses shapes that do not
+        pair up and non-finite factors with a named error: a zoo comes from strangers."""
         idx = self._resolve(i)
         k, g, r = self._locate(idx)
         t = self._row_group(k, g, ("lora_id", "weights", "adapter_config"))

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from lora_zoo._io import atomic_write_bytes, sha256_file
+from lora_zoo._io import atomic_write_bytes, sha256_file, stable_permutation
 from lora_zoo.errors import DuplicateIdError, SelectionError, ZooFormatError
 from lora_zoo.zoo.manifest import join, read_manifest, write_manifest
 from lora_zoo.zoo.schema import SPLITS_DIR, check_named_split_name, check_split_name
@@ -76,7 +76,7 @@ def random_split(
     order = sorted(ids)
     if len(set(order)) != len(order):
         raise DuplicateIdError("ids are not unique", key="lora_id")
-    perm = np.random.default_rng(seed).permutation(len(order))
+    perm = stable_permutation(len(order), seed, "split/random")
     out, start = {}, 0
     for name, c in _counts(len(order), fractions).items():
         out[name] = [order[j] for j in perm[start : start + c]]
@@ -133,7 +133,7 @@ def group_split(
     groups = sorted(
         members, key=lambda k: repr(sorted(map(repr, k))) if isinstance(k, frozenset) else repr(k)
     )
-    perm = np.random.default_rng(seed).permutation(len(groups))
+    perm = stable_permutation(len(groups), seed, "split/group")
     target = {s: f * len(ids) for s, f in fractions.items()}
     out: dict[str, list[str]] = {s: [] for s in fractions}
     for j in perm:
@@ -181,14 +181,17 @@ def save_named_split(
         order = {s: k for k, s in enumerate(zoo.splits)}
         clean[split] = sorted(members, key=lambda x: (order[known[x][0]], known[x][1]))
     (root / SPLITS_DIR).mkdir(exist_ok=True)
-    atomic_write_bytes(root / rel, (json.dumps(clean, indent=1) + "\n").encode())
+    data = (json.dumps(clean, indent=1) + "\n").encode()
+    atomic_write_bytes(root / rel, data)
     fs, r = zoo.fs, zoo.root
     manifest = read_manifest(fs, r)
+    digest, size = sha256_file(fs, join(r, rel))
     manifest.setdefault("named_splits", {})[name] = {
         "path": rel,
         **params,
         "num_rows": {s: len(v) for s, v in clean.items()},
-        "sha256": sha256_file(fs, join(r, rel))[0],
+        "num_bytes": size,  # every file a manifest lists carries its size and hash (format 2)
+        "sha256": digest,
     }
     write_manifest(root, manifest)
     return manifest

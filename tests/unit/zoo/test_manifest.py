@@ -213,7 +213,7 @@ def test_manifest_validation_names_keys(tmp_path):
         },
     }
     (tmp_path / "lora_zoo.json").write_text(json.dumps(bad))
-    with pytest.raises(ZooFormatError, match="unsafe shard path") as e:
+    with pytest.raises(ZooFormatError, match="unsafe path") as e:
         read_manifest(*_fs(tmp_path))
     assert e.value.key == "splits.train.shards.0.path"
 
