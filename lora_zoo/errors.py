@@ -65,6 +65,11 @@ class UnsupportedVariantError(LoraZooError):
 
 
 # --- zoo on disk ----------------------------------------------------------------------------
+class ScaleMismatchError(ShapeMismatchError):
+    """A module's alpha / scale contradicts what its adapter config gives it (rsLoRA, rank or
+    alpha patterns): stored, it would silently come back with another scale."""
+
+
 class ZooFormatError(LoraZooError):
     """A zoo directory / repo is malformed: manifest, schema or layout."""
 

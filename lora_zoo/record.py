@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +24,7 @@ from lora_zoo.errors import (
     CorruptFileError,
     MissingPairError,
     NonFiniteError,
+    ScaleMismatchError,
     ShapeMismatchError,
     UnknownLayoutError,
     UnsupportedVariantError,
@@ -38,6 +39,8 @@ _UNSUPPORTED_CONFIG = {
     "modules_to_save": (None, [], ()),
     "trainable_token_indices": (None, {}, []),
 }
+
+FIFO_META = "lora_zoo.fan_in_fan_out_modules"  # header key: Conv1D-style modules of a mixed adapter
 
 # a PEFT factor name: "[base_model.model.]<module>.lora_A|B[.<adapter>].weight"
 PEFT_KEY_RE = re.compile(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$")
@@ -211,6 +214,19 @@ class LoraRecord:
                     file=file,
                     key=name,
                 )
+            # a reload recomputes alpha and scale from the config (PEFT's rule, rsLoRA and
+            # rank/alpha patterns included): a module that disagrees would come back different
+            if self.config and not (
+                math.isclose(m.scale, scale, rel_tol=1e-6)
+                and math.isclose(m.alpha, alpha, rel_tol=1e-6)
+            ):
+                raise ScaleMismatchError(
+                    f"module has alpha={m.alpha:g}, scale={m.scale:g} but its adapter config "
+                    f"gives alpha={alpha:g}, scale={scale:g} (use_rslora, rank_pattern, "
+                    "alpha_pattern)",
+                    file=file,
+                    key=name,
+                )
 
     def to(self, dtype: torch.dtype) -> LoraRecord:
         return LoraRecord(
@@ -237,8 +253,11 @@ class LoraRecord:
         file: str | None = None,
         lora_id: str | None = None,
         validate: bool = True,
+        fan_in_fan_out_modules: Sequence[str] | None = None,
     ) -> LoraRecord:
-        """Pair up ``*.lora_A.weight`` / ``*.lora_B.weight`` keys; scales come from config."""
+        """Pair up ``*.lora_A.weight`` / ``*.lora_B.weight`` keys; scales come from config.
+        ``fan_in_fan_out_modules`` names the Conv1D-style modules of a mixed adapter (default:
+        the config's one flag for all)."""
         check_supported_config(config, file=file)
         a_keys: dict[str, str] = {}
         b_keys: dict[str, str] = {}
@@ -262,11 +281,13 @@ class LoraRecord:
             raise MissingPairError("lora_A has no matching lora_B", file=file, key=a_keys[name])
         for name in b_keys.keys() - a_keys.keys():
             raise MissingPairError("lora_B has no matching lora_A", file=file, key=b_keys[name])
-        fifo = bool(config.get("fan_in_fan_out", False))
+        fifo_all = bool(config.get("fan_in_fan_out", False))
+        fifo_set = None if fan_in_fan_out_modules is None else set(fan_in_fan_out_modules)
         modules: dict[str, LoraModule] = {}
         # Keep file order (safetensors sorts keys; sort by name for a stable, documented order).
         for name in sorted(a_keys, key=natural_key):
             _, alpha, scale = peft_rank_alpha_scale(config, name)
+            fifo = fifo_all if fifo_set is None else name in fifo_set
             modules[name] = LoraModule(state[a_keys[name]], state[b_keys[name]], alpha, scale, fifo)
         rec = cls(modules, dict(config), lora_id)
         if validate:
@@ -275,8 +296,13 @@ class LoraRecord:
 
     def to_safetensors_bytes(self, metadata: Mapping[str, str] | None = None) -> bytes:
         meta = {"format": "pt", "lora_zoo.config": json.dumps(self.config, sort_keys=True)}
+        fifo = sorted((n for n, m in self.modules.items() if m.fan_in_fan_out), key=natural_key)
+        if fifo and len(fifo) < len(self.modules):
+            # PEFT decides fan_in_fan_out per layer (Conv1D yes, Linear no); one config flag
+            # cannot say which, so mixed adapters name their Conv1D-style modules here
+            meta[FIFO_META] = json.dumps(fifo)
         meta.update(metadata or {})
-        return st_save(self.to_peft_state_dict(), metadata=meta)
+        return canonical_safetensors(st_save(self.to_peft_state_dict(), metadata=meta))
 
     @classmethod
     def from_safetensors_bytes(
@@ -290,11 +316,32 @@ class LoraRecord:
     ) -> LoraRecord:
         """Decode zoo weight bytes. ``config`` defaults to the one embedded in the header."""
         state = load_safetensors_bytes(data, file=file)
+        meta = safetensors_metadata(data)
         if config is None:
-            config = json.loads(safetensors_metadata(data).get("lora_zoo.config", "{}"))
+            config = json.loads(meta.get("lora_zoo.config", "{}"))
+        fifo = json.loads(meta[FIFO_META]) if FIFO_META in meta else None
         return cls.from_peft_state_dict(
-            state, config, file=file, lora_id=lora_id, validate=validate
-        )
+            state, config, file=file, lora_id=lora_id, validate=validate,
+            fan_in_fan_out_modules=fifo,
+        )  # fmt: skip
+
+
+def canonical_safetensors(data: bytes) -> bytes:
+    """The same safetensors file with its JSON header keys sorted.
+
+    Why: the safetensors writer keeps ``__metadata__`` and the tensor entries in a hash map
+    whose order changes from process to process, so one tensor dict saved in two processes
+    gives different bytes. Sorting the header (tensor data and offsets are untouched) makes the
+    bytes a function of the content, on every write path (build, ingest, merge, export): the
+    same rows give the same shard sha256, which push deduplication, resume and ``diff`` need."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(dict(sorted(header.items())), separators=(",", ":"), ensure_ascii=False)
+    raw = text.encode()
+    raw += b" " * (-len(raw) % 8)  # keep the data 8-byte aligned, as safetensors does
+    return len(raw).to_bytes(8, "little") + raw + data[8 + n :]
 
 
 def load_safetensors_bytes(data: bytes, *, file: str | None = None) -> dict[str, torch.Tensor]:

@@ -25,7 +25,6 @@ from lora_zoo.build.workdir import (
     RUNNING,
     JobState,
     WorkDir,
-    _CanonicalRecord,
 )
 from lora_zoo.errors import BuildError
 from lora_zoo.record import LoraRecord
@@ -197,7 +196,6 @@ def pack(
     try:
         for j, weights, meta, scores in tqdm(rows, desc="pack", unit="lora", disable=not progress):
             rec = LoraRecord.from_safetensors_bytes(weights, file=j.lora_id).to(dtype)
-            rec = _CanonicalRecord(rec.modules, rec.config, rec.lora_id)
             w.add(
                 rec,
                 lora_id=j.lora_id,

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lora_zoo._io import sha256_local
+from lora_zoo._io import sha256_file, sha256_local
 from lora_zoo.errors import IntegrityError, RemoteError
 from lora_zoo.remote.sources import hub_api, parse_source, resolve_fsspec
 from lora_zoo.zoo.manifest import all_shards, read_manifest, verify
@@ -244,6 +244,17 @@ def _push_hub(
     return res
 
 
+def _same_bytes(fs: Any, dst: str, size: int, sha256: str) -> bool:
+    """True when ``dst`` exists and holds exactly the bytes with this sha256 (streamed; only
+    files of the right size are read)."""
+    try:
+        if fs.info(dst).get("size") != size:
+            return False
+    except FileNotFoundError:
+        return False
+    return sha256_file(fs, dst)[0] == sha256
+
+
 def _push_fsspec(
     root: Path,
     spec: Any,
@@ -263,23 +274,18 @@ def _push_fsspec(
 
         old, _ = read_remote_manifest(fs, rroot)
         old_listed = {sh["path"] for _s, sh in all_shards(old)}
-        old_sha = {sh["path"]: sh["sha256"] for _s, sh in all_shards(old)}
     except (RemoteError, FileNotFoundError):
-        old_sha = {}
+        pass
     new_sha = {sh["path"]: sh["sha256"] for _s, sh in all_shards(manifest)}
     body = [f for f in files if f != MANIFEST_NAME]
     for rel in tqdm(body, desc="upload", unit="file", disable=not progress):
         src, dst = root / rel, posixpath.join(rroot, rel)
-        if rel in new_sha:
-            # a shard already listed with this sha, or the same size left by an interrupted
-            # push (shards are immutable once named; the pull side checks sha256 anyway)
-            if old_sha.get(rel) == new_sha[rel] or (
-                fs.exists(dst)
-                and fs.info(dst).get("size") == src.stat().st_size
-                and rel not in old_sha
-            ):
-                res.unchanged.append(rel)
-                continue
+        if rel in new_sha and _same_bytes(fs, dst, src.stat().st_size, new_sha[rel]):
+            # "already there" is decided by the bytes' sha256, never by size or by the old
+            # manifest: shard names repeat across zoo versions, and an interrupted push can
+            # leave another version's bytes under a name the old manifest still vouches for
+            res.unchanged.append(rel)
+            continue
         fs.makedirs(posixpath.dirname(dst), exist_ok=True)
         fs.put_file(str(src), dst)
         res.uploaded.append(rel)

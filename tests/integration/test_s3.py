@@ -107,3 +107,22 @@ def test_file_url_is_read_in_place(tmp_path):
     zoo = load_zoo(f"file://{root}")
     assert zoo.is_local and zoo.root == str(root)
     assert zoo["train"].ids == load_zoo(root)["train"].ids
+
+
+def test_push_decides_already_there_by_hash_not_size(s3, tmp_path):  # noqa: F811
+    """v1 pushed; an interrupted push of v2 (same shard names, same sizes) left v2 bytes under
+    v1's manifest; re-pushing v1 must notice by sha256 and re-upload, so the bucket serves v1."""
+    url, bucket = s3
+    fs = _s3fs(url)
+    v1 = make_zoo(tmp_path / "v1", n=6, splits={"train": 1.0}, seed=1)
+    v2 = make_zoo(tmp_path / "v2", n=6, splits={"train": 1.0}, seed=2)
+    shard = "data/train-00000.parquet"
+    assert (v1 / shard).stat().st_size == (v2 / shard).stat().st_size  # the trap: equal sizes
+    assert (v1 / shard).read_bytes() != (v2 / shard).read_bytes()
+    target = f"s3://{bucket}/z"
+    push(v1, target, progress=False)
+    fs.pipe(f"{bucket}/z/{shard}", (v2 / shard).read_bytes())  # the interrupted push of v2
+    res = push(v1, target, progress=False)
+    assert shard in res.uploaded
+    assert fs.cat(f"{bucket}/z/{shard}") == (v1 / shard).read_bytes()
+    assert load_zoo(target, streaming=True).verify() == []

@@ -90,3 +90,71 @@ def test_bad_inputs_raise_named_errors():
         LoraRecord.from_safetensors_bytes(b"\x80\x04\x95abc")
     with pytest.raises(ShapeMismatchError, match="config gives r=8"):
         LoraRecord.from_peft_state_dict(state, {"r": 8, "lora_alpha": 8})
+
+
+@pytest.mark.parametrize("cfg_extra", [{}, {"use_rslora": True}])
+def test_a_scale_that_contradicts_the_config_is_refused(tmp_path, cfg_extra):
+    """A reload recomputes the scale from the config: the writer must not accept a module
+    whose stored scale says otherwise (it would come back different)."""
+    from lora_zoo.errors import ScaleMismatchError
+    from lora_zoo.zoo.writer import ZooWriter
+
+    rec = _rec()
+    rec.config.update(cfg_extra)
+    name = "model.layers.0.self_attn.v_proj"
+    _, alpha, scale = peft_rank_alpha_scale(rec.config, name)
+    for m in rec.modules.values():  # make the honest record consistent with the config first
+        m.alpha, m.scale = peft_rank_alpha_scale(rec.config, "model.layers.0.self_attn.q_proj")[1:]
+    rec.modules[name].alpha, rec.modules[name].scale = alpha, scale
+    w = ZooWriter(tmp_path / "z")
+    w.add(rec, lora_id="ok")  # consistent: accepted
+    rec.modules[name].scale = scale * 2  # e.g. rsLoRA's rule applied by a tool, config without it
+    with pytest.raises(ScaleMismatchError) as e:
+        w.add(rec, lora_id="bad")
+    assert e.value.key == name and e.value.file == "bad"
+    w.abort()
+
+
+def test_fan_in_fan_out_is_per_module_through_a_round_trip():
+    """A GPT-2 adapter on Conv1D (c_attn) and Linear (a Linear head) layers: PEFT sets the flag
+    per layer, so one config flag would transpose the Linear's ΔW on reload."""
+    g = torch.Generator().manual_seed(1)
+    cfg = {"r": 2, "lora_alpha": 2, "fan_in_fan_out": True}
+    conv1d = LoraModule(
+        torch.randn(2, 6, generator=g), torch.randn(9, 2, generator=g), 2.0, 1.0, True
+    )
+    linear = LoraModule(
+        torch.randn(2, 5, generator=g), torch.randn(3, 2, generator=g), 2.0, 1.0, False
+    )
+    rec = LoraRecord({"h.0.attn.c_attn": conv1d, "score": linear}, cfg, "g")
+    back = LoraRecord.from_safetensors_bytes(rec.to_safetensors_bytes())
+    assert back.modules["h.0.attn.c_attn"].fan_in_fan_out is True
+    assert back.modules["score"].fan_in_fan_out is False
+    assert back.modules["score"].delta_w().shape == (3, 5)  # (out, in) as nn.Linear stores it
+    assert back.modules["h.0.attn.c_attn"].delta_w().shape == (6, 9)  # Conv1D stores (in, out)
+
+
+def test_safetensors_bytes_are_canonical_across_processes(tmp_path):
+    """Same record -> same bytes in two fresh processes (safetensors' header order is a hash
+    map's, which changes per process): every write path stores these bytes."""
+    import subprocess
+    import sys
+
+    code = (
+        "import hashlib, torch\n"
+        "from lora_zoo.record import LoraModule, LoraRecord\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "mods = {f'm.{i}.q': LoraModule(torch.randn(2, 4, generator=g), torch.randn(3, 2,"
+        " generator=g), 2.0, 1.0) for i in range(40)}\n"
+        "b = LoraRecord(mods, {'r': 2, 'lora_alpha': 2, 'target_modules': ['q']}, 'x')"
+        ".to_safetensors_bytes({'note': 'n', 'a': 'b'})\n"
+        "print(hashlib.sha256(b).hexdigest())\n"
+    )
+    shas = {
+        subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True,
+            env={**__import__("os").environ, "PYTHONHASHSEED": str(seed)},
+        ).stdout.strip()
+        for seed in (1, 2, 3)
+    }  # fmt: skip
+    assert len(shas) == 1
