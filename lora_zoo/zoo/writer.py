@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lora_zoo._io import fsync_dir, sha256_file, tmp_path_for
+from lora_zoo._io import TMP_SUFFIX, fsync_dir, sha256_file, tmp_path_for
 from lora_zoo.errors import DuplicateIdError, SchemaConflictError, ZooFormatError
 from lora_zoo.record import LoraRecord
 from lora_zoo.zoo.card_min import write_minimal_card
@@ -36,7 +35,6 @@ from lora_zoo.zoo.schema import (
     FORMAT_VERSION,
     MANIFEST_NAME,
     MAX_FILES_PER_DIR,
-    README_NAME,
     ROLE_LABEL,
     ROLE_METADATA,
     SHARD_SUFFIX,
@@ -148,6 +146,8 @@ class ZooWriter:
         self._info: dict[str, Any] = {}
         self._named_splits: dict[str, Any] = {}
         self._superseded: list[Path] = []
+        self._carry_named: dict[str, Any] = {}
+        self._replacing = False
         self._closed = False
         self._prepare_dir()
 
@@ -156,11 +156,18 @@ class ZooWriter:
         manifest = self.root / MANIFEST_NAME
         data = self.root / DATA_DIR
         if self.mode == "overwrite":
-            # manifest first: from here on the dir reads as "unfinished", never as a mix
-            for p in (manifest, self.root / README_NAME):
-                p.unlink(missing_ok=True)
-            for d in (data, self.root / SPLITS_DIR):
-                shutil.rmtree(d, ignore_errors=True)
+            # Replace, never delete first: the old manifest keeps pointing at intact old shards
+            # until the new manifest lands (new shards take fresh indices, see _split), so a
+            # kill at any moment leaves the old zoo or the new one. Named splits and every
+            # other file a user added stay; named splits whose LoRAs all survive are carried.
+            if manifest.exists():
+                try:
+                    self._carry_named = dict(
+                        read_manifest(*_local(self.root)).get("named_splits") or {}
+                    )
+                except ZooFormatError as e:
+                    log.warning("replacing an unreadable zoo manifest: %s", e)
+            self._replacing = True
         elif self.mode == "create":
             if manifest.exists():
                 raise ZooFormatError(
@@ -435,16 +442,48 @@ class ZooWriter:
             for sh in st.shards:
                 if sh["_schema"] is None or not sh["_schema"].equals(schema, check_metadata=True):
                     self._conform(st, sh, schema)
+        if self._replacing:
+            self._named_splits = self._carried_named_splits()
         manifest = self._manifest(schema)
         write_minimal_card(self.root, manifest)
         write_manifest(self.root, manifest)
         for p in self._superseded:
             p.unlink(missing_ok=True)
+        if self._replacing:  # the old zoo's shards (and crash leftovers): data/ is ours alone
+            listed = {sh["path"] for sp in manifest["splits"].values() for sh in sp["shards"]}
+            for p in (self.root / DATA_DIR).iterdir():
+                stale = p.name.endswith(SHARD_SUFFIX) and f"{DATA_DIR}/{p.name}" not in listed
+                if stale or (p.name.startswith(".") and p.name.endswith(TMP_SUFFIX)):
+                    p.unlink(missing_ok=True)
         fsync_dir(self.root / DATA_DIR)
         self._closed = True
         n = manifest["num_rows"]
         log.info("zoo %s: %d LoRAs in %d split(s)", self.root, n, len(manifest["splits"]))
         return manifest
+
+    def _carried_named_splits(self) -> dict[str, Any]:
+        """The old zoo's named splits whose every LoRA is in the new zoo (their files are kept
+        either way; a split naming a LoRA that is gone is left out of the manifest, loudly)."""
+        import json
+
+        out: dict[str, Any] = {}
+        for name, ns in self._carry_named.items():
+            rel = ns.get("path", f"{SPLITS_DIR}/{name}.json") if isinstance(ns, dict) else None
+            try:
+                data = json.loads((self.root / rel).read_text()) if rel else None
+                ids = {i for v in data.values() for i in v} if isinstance(data, dict) else None
+            except (OSError, ValueError, TypeError):
+                ids = None
+            if ids is not None and ids <= self._ids:
+                out[name] = ns
+            else:
+                log.warning(
+                    "named split %r names LoRAs the replaced zoo no longer has: left out of the "
+                    "manifest; its file %s is kept",
+                    name,
+                    rel,
+                )
+        return out
 
     def _manifest(self, schema: pa.Schema) -> dict[str, Any]:
         from lora_zoo import __version__

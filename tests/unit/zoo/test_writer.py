@@ -281,3 +281,47 @@ def test_empty_record_list_round_trip_of_metadata_numpy(tmp_path):
         {"ids": [], "t": 1.0, "empty": [1.5]},
     ]
     assert isinstance(LoraRecord, type)
+
+
+def test_overwrite_keeps_the_old_zoo_until_the_new_manifest_lands(tmp_path):
+    """A replacing writer killed midway (here: shards written, never closed) leaves the old
+    zoo complete: its manifest still points at its own, untouched shards."""
+    root = make_zoo(tmp_path / "z", n=6, shard_max_rows=2)
+    before = {p.name: p.read_bytes() for p in (root / "data").iterdir()}
+    w = ZooWriter(root, mode="overwrite", shard_max_rows=2)
+    for i in range(10, 16):
+        rec = make_record(i, 2)
+        w.add(rec, lora_id=rec.lora_id)  # full shards are renamed into data/ as they fill
+    assert len(list((root / "data").glob("*.parquet"))) > len(before)  # new shards exist...
+    del w  # ...and the process dies here
+    problems = verify(root)  # every listed shard verifies; only the unlisted new ones are named
+    assert problems and all("not listed in the manifest" in p for p in problems)
+    assert not any(n in p for n in before for p in problems)
+    zoo = load_zoo(root)
+    assert zoo["train"].ids == [f"lora-{i:05d}" for i in range(6)]
+    assert zoo["train"].record(5).lora_id == "lora-00005"
+    assert all((root / "data" / n).read_bytes() == b for n, b in before.items())
+    make_zoo(root, n=2, mode="overwrite")  # the next successful replace cleans them up
+    assert verify(root) == []
+
+
+def test_overwrite_keeps_named_splits_and_user_files(tmp_path):
+    from lora_zoo.zoo.splits import make_named_split
+
+    root = make_zoo(tmp_path / "z", n=6)
+    make_named_split(load_zoo(root), "mine", "random", "train=0.5,test=0.5", seed=1)
+    (root / "NOTES.md").write_text("my notes")
+    split_file = (root / "splits" / "mine.json").read_bytes()
+    make_zoo(root, n=6, mode="overwrite", seed=5)  # same ids, new weights
+    zoo = load_zoo(root)
+    assert "mine" in zoo.named_splits and verify(root) == []
+    assert (root / "splits" / "mine.json").read_bytes() == split_file
+    assert (root / "NOTES.md").read_text() == "my notes"
+    assert sorted(p.name for p in (root / "data").iterdir()) == sorted(
+        sh["path"].split("/")[1] for sp in zoo.manifest["splits"].values() for sh in sp["shards"]
+    )  # the old shards are gone once the new manifest is in place
+    make_zoo(root, n=3, mode="overwrite")  # LoRAs of the named split are gone now
+    zoo = load_zoo(root)
+    assert "mine" not in zoo.named_splits  # not served as if it still meant something...
+    assert (root / "splits" / "mine.json").read_bytes() == split_file  # ...but never deleted
+    assert verify(root) == []
