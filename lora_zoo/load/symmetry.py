@@ -109,12 +109,26 @@ def svals(
     return s.to(out_dtype or u.dtype)
 
 
-def _tolerance(s: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """Numerical-rank threshold per matrix, (..., 1): max(n, m) * eps * sigma_max (numpy's
-    matrix_rank rule). Singular values below it are treated as exact zeros."""
-    eps = torch.finfo(s.dtype).eps
+def _eps(compute: torch.dtype, stored: torch.dtype) -> float:
+    """The resolution of the data: a bf16 zoo computed in float32 is still only bf16-accurate."""
+    return max(torch.finfo(compute).eps, torch.finfo(stored).eps)
+
+
+def _tolerance(s: torch.Tensor, n: int, m: int, stored: torch.dtype | None = None) -> torch.Tensor:
+    """Numerical-rank threshold per matrix, (..., 1). Singular values below it are exact zeros.
+
+    sigma_max * max(max(n, m) * eps_compute, sqrt(r) * eps_stored): the first term is numpy's
+    matrix_rank rule (what the factorisation itself can resolve); the second is what the stored
+    factors can (rounding each entry of U, V to the stored dtype moves ΔW by about
+    sqrt(r) * eps_stored * sigma_max for balanced factors), so singular values of a bf16 zoo
+    below bf16 rounding noise are not reported as structure. Both depend on ΔW only, so the
+    threshold is GL(r)-invariant."""
+    eps_c = torch.finfo(s.dtype).eps
+    eps_s = torch.finfo(stored).eps if stored is not None else eps_c
+    r = s.shape[-1]
+    rel = max(max(n, m) * eps_c, (r**0.5) * eps_s if eps_s > eps_c else 0.0)
     smax = s[..., :1] if s.shape[-1] else torch.zeros((*s.shape[:-1], 1), dtype=s.dtype)
-    return smax * (max(n, m) * eps)
+    return smax * rel
 
 
 def canonical(
@@ -125,9 +139,13 @@ def canonical(
     U' = Qu P sqrt(S), V' = Qv W sqrt(S) (the balanced SVD factorisation of ΔW), columns in
     descending singular-value order, shapes (..., n, r) and (..., m, r).
 
-    Sign rule: the SVD fixes each singular pair only up to a joint sign (p_j, w_j) -> (-p_j, -w_j).
-    We flip column j of both U' and V' so that the largest-|.| entry of U'[:, j] is positive
-    (on an exact tie between a +x and a -x entry: no flip), deterministic and GL(r)-invariant.
+    Sign rule (v2): the SVD fixes each singular pair only up to a joint sign (p_j, w_j) ->
+    (-p_j, -w_j). We flip column j of both U' and V' so that the sum of U'[:, j] is positive;
+    where that sum is within rounding of zero (|sum| <= SIGN_MARGIN * eps * ||U'[:, j]||_1, eps of
+    the stored dtype), so that noise could decide it, the largest-|.| entry is made positive
+    instead (on an exact +x/-x tie: no flip). v1 used the largest entry alone, which flips
+    between GL(r)-equivalent inputs whenever the two largest magnitudes nearly tie (common: any
+    column with two dominant rows); a sum is decided by all n entries at once.
 
     What is and is not invariant:
     - Distinct, nonzero singular values: U', V' are unique, hence invariant under any R in
@@ -139,7 +157,8 @@ def canonical(
       values (gap ~ eps) make those columns numerically unstable for the same reason.
     - Zero singular values (rank-deficient ΔW, including zero-padded ranks): the corresponding
       columns are set to exactly zero, so they are invariant and zero padding is exact. "Zero"
-      means below max(n, m) * eps * sigma_max in the compute dtype.
+      means below sigma_max * max(max(n, m) * eps_compute, sqrt(r) * eps_stored) (see
+      ``_tolerance``: a bf16 zoo's bf16 rounding noise is not structure).
 
     The returned tensors may be non-contiguous views (the fast path computes U'^T).
     """
@@ -149,44 +168,58 @@ def canonical(
     with single_threaded():
         fast = _cholesky_pair(u, v)
         if fast is None:
-            uc, vc = _canonical_householder(u, v, compute_dtype_for(u.dtype))
+            uc, vc = _canonical_householder(u, v, compute_dtype_for(u.dtype), stored=u.dtype)
             return uc.to(od), vc.to(od)
         lu, lv, ut, vt, ok, cd = fast
         p, s, wh = torch.linalg.svd(lu.mT @ lv)  # Ru Rv^T = P diag(S) W^T, (B, r, r) / (B, r)
-        keep = s > _tolerance(s, n, m)
+        keep = s > _tolerance(s, n, m, u.dtype)
         root = torch.where(keep, s.clamp_min(0).sqrt(), torch.zeros_like(s)).unsqueeze(-2)
         # U' = U Ru^-1 P sqrt(S): an r x r map applied to U (no Q formed); U'^T = M_u^T U^T.
         mu = torch.linalg.solve_triangular(lu.mT, p * root, upper=True)  # (B, r, r)
         mv = torch.linalg.solve_triangular(lv.mT, wh.mT * root, upper=True)
         uct = mu.mT @ ut  # (B, r, n), rows contiguous: fast reductions below
-        # Sign rule: largest-|.| entry of each U' column made positive (max >= -min). Folded
-        # into V's r x r map (free); U's columns flipped in place.
-        sign = torch.where(uct.amax(-1) >= -uct.amin(-1), 1.0, -1.0).to(cd).unsqueeze(-1)
+        # Sign rule (v2, see the docstring), folded into V's r x r map (free); U's columns
+        # flipped in place.
+        sign = _signs(uct, -1, _eps(cd, u.dtype)).to(cd)  # (B, r, 1)
         vct = (mv * sign.mT).mT @ vt  # (B, r, m)
         uct = uct.mul_(sign).to(od)  # in place, then one cast (measured faster than mul(out=))
         uc, vc = uct.mT, vct.mT  # (B, n, r), (B, m, r) views
         bad = (~ok).nonzero().flatten()
         if bad.numel():
-            hu, hv = _canonical_householder(_flat(u)[bad], _flat(v)[bad], cd)
+            hu, hv = _canonical_householder(_flat(u)[bad], _flat(v)[bad], cd, stored=u.dtype)
             uc[bad], vc[bad] = hu.to(uc.dtype), hv
         batch = u.shape[:-2]
         return uc.reshape(*batch, n, r).to(od), vc.reshape(*batch, m, r).to(od)
 
 
 def _canonical_householder(
-    u: torch.Tensor, v: torch.Tensor, cd: torch.dtype
+    u: torch.Tensor, v: torch.Tensor, cd: torch.dtype, *, stored: torch.dtype | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """canonical via Householder QR (any shape and conditioning), in ``cd``."""
     n, m, r = u.shape[-2], v.shape[-2], u.shape[-1]
+    stored = stored or u.dtype
     f = small_svd(u.to(cd), v.to(cd))
     s = f.S  # (..., s)
-    keep = s > _tolerance(s, n, m)  # (..., s)
+    keep = s > _tolerance(s, n, m, stored)  # (..., s)
     root = torch.where(keep, s.clamp_min(0).sqrt(), torch.zeros_like(s))  # (..., s)
     uc = (f.Qu @ f.P) * root.unsqueeze(-2)  # (..., n, s)
     vc = (f.Qv @ f.W) * root.unsqueeze(-2)  # (..., m, s)
-    lo, hi = torch.aminmax(uc, dim=-2, keepdim=True)  # (..., 1, s) each
-    sign = torch.where(hi >= -lo, 1.0, -1.0).to(uc.dtype)  # (..., 1, s)
+    sign = _signs(uc, -2, _eps(cd, stored)).to(uc.dtype)  # (..., 1, s)
     return _pad_last(uc * sign, r), _pad_last(vc * sign, r)
+
+
+SIGN_MARGIN = 16.0  # sums within SIGN_MARGIN * eps * ||column||_1 of zero are "undecided"
+
+
+def _signs(x: torch.Tensor, dim: int, eps: float) -> torch.Tensor:
+    """+-1 per column of ``x`` along ``dim`` (kept as size 1): the sign rule v2 of
+    ``canonical``. By the column sum where it is clearly nonzero, else by the largest-|.|
+    entry (max >= -min: an exact tie keeps the sign)."""
+    total = x.sum(dim, keepdim=True)
+    margin = SIGN_MARGIN * eps * x.abs().sum(dim, keepdim=True)
+    lo, hi = torch.aminmax(x, dim=dim, keepdim=True)
+    by_max = torch.where(hi >= -lo, 1.0, -1.0)
+    return torch.where(total.abs() > margin, torch.sign(total), by_max)
 
 
 # ---- fast path: Cholesky QR2 on the r x r Gram matrices ---------------------------------------

@@ -20,18 +20,29 @@ def ref_svals(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 def ref_canonical(u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Balanced factors from the dense SVD, ΔW = X S Y^T: U' = X_r sqrt(S_r), V' = Y_r sqrt(S_r),
-    with the same documented sign rule (largest-|.| entry of each U' column positive) and the
-    same zero threshold (max(n, m) * eps * sigma_max)."""
+    with the same documented sign rule v2 (column sum positive; where the sum is within
+    16 * eps * ||column||_1 of zero, the largest-|.| entry positive) and the same zero threshold
+    (sigma_max * max(max(n, m) * eps_f64, sqrt(r) * eps_stored))."""
     n, m, r = u.shape[0], v.shape[0], u.shape[-1]
+    eps = max(torch.finfo(torch.float64).eps, torch.finfo(u.dtype).eps)
+    eps_s = torch.finfo(u.dtype).eps
     x, s, yh = torch.linalg.svd(u.double() @ v.double().T, full_matrices=False)
     k = min(r, s.shape[0])
     x, s, y = x[:, :k], s[:k], yh[:k].T
-    tol = max(n, m) * torch.finfo(torch.float64).eps * (s[0] if k else 0.0)
+    f64 = torch.finfo(torch.float64).eps
+    rel = max(max(n, m) * f64, r**0.5 * eps_s if eps_s > f64 else 0.0)
+    tol = rel * (s[0] if k else 0.0)
     root = torch.where(s > tol, s.clamp_min(0).sqrt(), torch.zeros_like(s))
     uc, vc = x * root, y * root
     for j in range(k):
-        i = int(uc[:, j].abs().argmax())  # (a positive entry wins an exact +x/-x tie)
-        if uc[i, j] < 0 and not (uc[:, j] == -uc[i, j]).any():
+        col = uc[:, j]
+        total = float(col.sum())
+        if abs(total) > 16 * eps * float(col.abs().sum()):
+            flip = total < 0
+        else:
+            i = int(col.abs().argmax())  # (a positive entry wins an exact +x/-x tie)
+            flip = bool(col[i] < 0) and not bool((col == -col[i]).any())
+        if flip:
             uc[:, j], vc[:, j] = -uc[:, j], -vc[:, j]
     pad = (0, r - k)
     return torch.nn.functional.pad(uc, pad), torch.nn.functional.pad(vc, pad)

@@ -307,3 +307,45 @@ def test_fast_path_agrees_with_householder(dims, log_cond, seed):
         t_b = 2 * svals_tol(ud, vd, dtype)
         torch.testing.assert_close(cu.square().sum(-2), s, atol=t_b, rtol=0)
         torch.testing.assert_close(cv.square().sum(-2), s, atol=t_b, rtol=0)
+
+
+def test_sign_rule_is_stable_when_the_two_largest_entries_nearly_tie():
+    """A column whose two dominant entries tie (+x and -x): the v1 rule (largest entry
+    positive) let rounding decide, so GL(r)-equivalent inputs got opposite signs. The v2 rule
+    decides by the column sum, which no rounding can move across zero here."""
+    n, m, r = 12, 10, 2
+    g = torch.Generator().manual_seed(0)
+    x, _ = torch.linalg.qr(torch.randn(n, r, generator=g, dtype=F64))
+    y, _ = torch.linalg.qr(torch.randn(m, r, generator=g, dtype=F64))
+    # column 0 of U': two entries of magnitude 0.6 with opposite signs (an exact tie)
+    x[:, 0] = 0.0
+    x[0, 0], x[1, 0], x[2:6, 0] = 0.6, -0.6, torch.tensor([0.3, 0.2, 0.3, 0.2], dtype=F64)
+    x[:, 0] /= x[:, 0].norm()
+    x[:, 1] -= (x[:, 1] @ x[:, 0]) * x[:, 0]
+    x[:, 1] /= x[:, 1].norm()
+    s = torch.tensor([2.0, 1.0], dtype=F64)
+    u, v = x * s.sqrt(), y * s.sqrt()
+    ref = symmetry.canonical(u, v)
+    for seed in range(20):
+        rm, rit = exact_cond_gl(r, 10.0, seed)
+        cu, cv = symmetry.canonical(*symmetry.apply_gl(u, v, rm, rit))
+        t = 2 * canonical_tol(u, v, F64)  # both sides within the bound of the exact pair
+        torch.testing.assert_close(cu, ref[0], atol=t, rtol=0)
+        torch.testing.assert_close(cv, ref[1], atol=t, rtol=0)
+    assert float(ref[0][:, 0].sum()) > 0  # the documented rule
+
+
+def test_zero_threshold_uses_the_stored_dtype():
+    """A bf16 zoo: a singular value below bf16 rounding noise (here 1e-3 sigma_max, while
+    sqrt(r) * eps_bf16 = 1.6e-2) is reported as zero; in float32 storage it is kept."""
+    n, m, r = 16, 12, 4
+    g = torch.Generator().manual_seed(1)
+    x, _ = torch.linalg.qr(torch.randn(n, r, generator=g, dtype=F64))
+    y, _ = torch.linalg.qr(torch.randn(m, r, generator=g, dtype=F64))
+    s = torch.tensor([1.0, 0.5, 0.25, 1e-3], dtype=F64)
+    u, v = x * s.sqrt(), y * s.sqrt()
+    cu32, _ = symmetry.canonical(u.float(), v.float())
+    cub, _ = symmetry.canonical(u.bfloat16(), v.bfloat16())
+    assert float(cu32[:, 3].abs().max()) > 1e-3  # float32 resolves it
+    assert torch.equal(cub[:, 3], torch.zeros_like(cub[:, 3]))  # bf16 cannot: exact zero
+    assert bool((cub[:, :3] != 0).any(dim=0).all())
