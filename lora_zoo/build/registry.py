@@ -189,7 +189,48 @@ def _same_package_imports(path: Path, modname: str, package: str) -> list[str]:
     return [m for m in out if m.startswith(package + ".")]
 
 
+#: library modules that shape a LoRA's bytes as much as the builder's own code does: the batched
+#: engine, the record and its serialization, seeds, the plan and its distributions
+SHAPING_MODULES = (
+    "lora_zoo.engine",
+    "lora_zoo.record",
+    "lora_zoo._io",
+    "lora_zoo.build.api",
+    "lora_zoo.build.plan",
+    "lora_zoo.build.seeding",
+    "lora_zoo.build.space",
+)
+
+
+def library_hash() -> str:
+    """SHA-256 over the sources of ``SHAPING_MODULES`` (a package: all its modules)."""
+    files: dict[str, Path] = {}
+    for name in SHAPING_MODULES:
+        p = _module_file(name)
+        if p is None:
+            continue
+        if p.name == "__init__.py":
+            for f in sorted(p.parent.glob("*.py")):
+                files[f"{name}.{f.stem}"] = f
+        else:
+            files[name] = p
+    h = hashlib.sha256()
+    for m in sorted(files):
+        h.update(m.encode() + b"\0" + files[m].read_bytes() + b"\0")
+    return h.hexdigest()
+
+
 def source_hash(cls: type) -> str:
+    """SHA-256 over the builder's own sources (``builder_source_hash``) and the library
+    modules that shape its outputs (``library_hash``): a change to the engine or the record
+    changes a zoo's bytes just as a change to the builder does, so drift detection covers
+    both."""
+    h = hashlib.sha256()
+    h.update(builder_source_hash(cls).encode() + b"\0" + library_hash().encode())
+    return h.hexdigest()
+
+
+def builder_source_hash(cls: type) -> str:
     """SHA-256 over the builder module's source and, transitively, the sources of the modules
     of its own package it imports (files sorted by module name)."""
     modname = cls.__module__
@@ -245,5 +286,7 @@ def builder_info(name: str) -> dict[str, Any]:
         "dist": dist,
         "dist_version": dist_version,
         "VERSION": str(cls.VERSION),
-        "source_sha256": source_hash(cls),
+        "source_sha256": source_hash(cls),  # builder + library: what rebuild compares
+        "builder_source_sha256": builder_source_hash(cls),
+        "library_sha256": library_hash(),
     }

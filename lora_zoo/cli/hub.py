@@ -168,3 +168,18 @@ def _print_drift(source: str, revision: str | None) -> None:
     info = load_zoo(source, revision=revision).info
     stored = (info.get("provenance") or {}).get("environment")
     print(env.format_drift(env.drift(stored, env.capture())))
+    built = info.get("builder") or {}
+    if built.get("name") and built.get("source_sha256"):
+        from lora_zoo.build.registry import builder_info
+
+        try:
+            here = builder_info(built["name"])
+        except Exception:  # an unknown builder is reported by the rebuild itself
+            return
+        for key, what in (("builder_source_sha256", "builder's source"),
+                          ("library_sha256", "lora-zoo engine / record / seeding source")):  # fmt: skip
+            if built.get(key) and built[key] != here[key]:
+                print(f"code drift: the {what} changed since the zoo was built "
+                      "(same VERSION): bit-identical output is not guaranteed")  # fmt: skip
+        if not built.get("library_sha256") and built["source_sha256"] != here["source_sha256"]:
+            print("code drift: the builder's source hash differs from the zoo's")

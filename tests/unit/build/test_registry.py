@@ -123,3 +123,21 @@ def test_causal_lm_entry_point_loads():
     assert cls.NAME == "causal_lm"
     info = registry.builder_info("causal_lm")
     assert info["dist"] == "lora-zoo" and info["dist_version"]
+
+
+def test_drift_detection_covers_the_engine_and_the_record(tmp_path, monkeypatch):
+    """A change to the engine or the record changes a zoo's bytes as much as a builder change:
+    the source hash a work dir / rebuild compares must see it."""
+    from lora_zoo.build import registry
+
+    real = registry._module_file
+    before = registry.library_hash()
+    copy = tmp_path / "record.py"
+    copy.write_text(real("lora_zoo.record").read_text() + "\n# a change\n")
+    monkeypatch.setattr(
+        registry, "_module_file", lambda m: copy if m == "lora_zoo.record" else real(m)
+    )
+    assert registry.library_hash() != before
+    info = registry.builder_info(next(iter(registry.available_builders())))
+    assert info["library_sha256"] == registry.library_hash()
+    assert {"builder_source_sha256", "source_sha256"} <= info.keys()
