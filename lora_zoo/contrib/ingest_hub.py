@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lora_zoo._io import sha256_local
+from lora_zoo._io import safe_relpath, sha256_local
 from lora_zoo.contrib.formats.files import PICKLE_SUFFIXES, SAFETENSORS_SUFFIX
 from lora_zoo.contrib.formats.peft import CONFIG_NAME, WEIGHTS_NAME
 from lora_zoo.errors import (
@@ -153,11 +153,12 @@ def _resolve_commit(api: Any, hs: HubSource) -> str:
     return str(info.sha)
 
 
-def _safe_rel(path: str) -> bool:
-    p = posixpath.normpath(path)
-    return not (
-        path.startswith("/") or "\\" in path or p == ".." or p.startswith("../") or p == "."
-    )
+def _unsafe(path: str, url: str) -> PathEscapeError | None:
+    try:
+        safe_relpath(path, file=url, key="path")
+    except PathEscapeError as e:
+        return e
+    return None
 
 
 def plan(
@@ -172,9 +173,9 @@ def plan(
         low, url = path.lower(), fetch.url(path)
         is_weights = low.endswith(SAFETENSORS_SUFFIX)
         is_config = posixpath.basename(path) == CONFIG_NAME
-        err: LoraZooError | None = None
-        if not _safe_rel(path):
-            err = PathEscapeError("repo path escapes the download folder", file=url)
+        err: LoraZooError | None = _unsafe(path, url)  # the one check every zoo path gets
+        if err is not None:
+            pass  # refused below
         elif low.endswith(PICKLE_SUFFIXES):
             err = PickleRefusedError(
                 f"pickle-based checkpoint ({size:,} bytes): refused, not downloaded. "
