@@ -2,7 +2,9 @@
 
 Scoring follows lm-evaluation-harness' ARC task: each choice is a continuation of the context,
 scored by the sum of its token log-probabilities (``acc``) and by that sum divided by the
-continuation's length in characters (``acc_norm``). All K LoRAs score the same rows in one
+choice's length in characters (``acc_norm``). The harness scores ``" " + choice`` (its
+``target_delimiter``) but divides by ``len(choice)`` without it (lm_eval/api/task.py,
+``completion_len``); our examples carry the delimiter inside the choice, so it is not counted. All K LoRAs score the same rows in one
 forward: the rows are repeated K times, grouped by LoRA.
 """
 
@@ -47,7 +49,8 @@ def build_eval_rows(
             if len(ids) > max_len:
                 cut = len(ids) - max_len
                 ids, n_ctx = ids[cut:], max(1, n_ctx - cut)
-            rows.append(EvalRow(i, j, tuple(ids), n_ctx, len(ex.choices[j])))
+            # acc_norm's length: the choice without lm-eval's target_delimiter (" ")
+            rows.append(EvalRow(i, j, tuple(ids), n_ctx, len(ex.choices[j].removeprefix(" "))))
     return rows
 
 

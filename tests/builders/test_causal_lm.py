@@ -110,16 +110,21 @@ def test_batched_eval_of_k_loras_matches_separate_peft_scoring(tmp_path):
         (folder / "adapter_model.safetensors").write_bytes(rec.to_safetensors_bytes())
         (folder / "adapter_config.json").write_text(json.dumps(rec.config))
         pm = PeftModel.from_pretrained(base, str(folder)).eval()
-        hits, nll, ntok, slow = [], 0.0, 0, []
+        hits, hits_norm, nll, ntok, slow = [], [], 0.0, 0, []
         for ex in examples:
             lps = _slow_choice_logprobs(pm, tok, ex)
             slow.append(lps)
             hits.append(max(range(len(lps)), key=lps.__getitem__) == ex.label)
+            # lm-evaluation-harness (api/task.py): lls / len(choice), the choice as doc_to_choice
+            # gives it, i.e. without the " " target_delimiter it prepends for scoring
+            norm = [lp / len(c.removeprefix(" ")) for lp, c in zip(lps, ex.choices)]
+            hits_norm.append(max(range(len(norm)), key=norm.__getitem__) == ex.label)
             nll -= lps[ex.label]
             ntok += len(tok.encode(ex.choices[ex.label]))
         for i, r in enumerate(rows):
             assert abs(float(scores[0][k, i]) - slow[r.example][r.choice]) < 1e-3
         assert fast[k]["acc"] == pytest.approx(sum(hits) / len(hits))
+        assert fast[k]["acc_norm"] == pytest.approx(sum(hits_norm) / len(hits_norm))
         assert fast[k]["eval_loss"] == pytest.approx(nll / ntok, rel=1e-5)
         assert set(fast[k]["eval_loss_by_group"]) == {e.group for e in examples}
         accs.add(round(fast[k]["eval_loss"], 6))
