@@ -33,7 +33,7 @@ from lora_zoo.zoo.schema import (
 
 log = logging.getLogger(__name__)
 
-# Keys of format version 1, pinned by tests/unit/zoo/test_manifest.py and docs/FORMAT.md.
+# Keys of format version 2 (v1 had no "parquet"), pinned by tests/unit/zoo/test_manifest.py and docs/FORMAT.md.
 MANIFEST_KEYS = (
     "format_version",
     "lora_zoo_version",
@@ -41,6 +41,7 @@ MANIFEST_KEYS = (
     "splits",
     "columns",
     "named_splits",
+    "parquet",
     "info",
 )
 SPLIT_KEYS = ("num_rows", "num_bytes", "shards")
