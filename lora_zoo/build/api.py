@@ -105,4 +105,11 @@ class Builder(Protocol):
         ...
 
 
-__all__ = ["BUILDER_SECTIONS", "Builder", "JobSpec", "TrainedLora", "cache_root", "stable_permutation"]
+__all__ = [
+    "BUILDER_SECTIONS",
+    "Builder",
+    "JobSpec",
+    "TrainedLora",
+    "cache_root",
+    "stable_permutation",
+]

@@ -66,6 +66,36 @@ def _split_assignment(ids: list[str], metas: list[dict[str, Any]], split: Any) -
     return {lid: s for s, members in parts.items() for lid in members}
 
 
+_MISSING = object()
+
+
+def _finished_doc(wd: WorkDir, index: int) -> dict[str, Any] | None:
+    """The result document of a finished LoRA, without reading its weights: the json is
+    renamed into place only after the weights file (see workdir), so its presence means the
+    weights were complete; pass 2 checks their sha256 anyway."""
+    doc = wd._read_doc(index)
+    if doc is None or "weights_sha256" not in doc:
+        return None
+    if doc.get("store"):
+        return doc
+    return doc if wd._paths(index)[0].exists() else None
+
+
+def _row_metadata(j: JobSpec, doc: Mapping[str, Any]) -> dict[str, Any]:
+    """A zoo row's metadata: the builder's, the job's data, and (format 2) hyperparameters
+    under hp.* once (the varied values plus whatever the builder resolved, its defaults) and
+    the job's derived seeds under seed.*."""
+    builder_meta = dict(doc["metadata"])
+    resolved_hp = dict(builder_meta.pop("hp", None) or {})
+    return {
+        **builder_meta,
+        "job_index": j.index,
+        **dict(j.data),
+        "hp": {**dict(j.hparams), **resolved_hp},
+        "seed": dict(j.seeds),
+    }
+
+
 def pack(
     sources: Sequence[str | os.PathLike[str]],
     out: str | os.PathLike[str],
@@ -118,13 +148,17 @@ def pack(
     jobs: dict[int, JobSpec] = {}
     found: dict[int, tuple[WorkDir, str]] = {}
     states: dict[int, JobState] = {}
+    # Pass 1 reads only the small JSON documents (which name the weights' sha256): memory stays
+    # bounded whatever the number of LoRAs, and each LoRA's weights are read and hashed once,
+    # in pass 2, on their way into the writer.
+    docs_keys: dict[int, Any] = {}  # index -> the group-split key value (only that is kept)
     for wd in wds:
         st = wd.replay()
         for j in wd.jobs():
             jobs.setdefault(j.index, j)
-            res = wd.read_result(j.index)
-            if res is not None:
-                sha = res[1]["weights_sha256"]
+            doc = _finished_doc(wd, j.index)
+            if doc is not None:
+                sha = doc["weights_sha256"]
                 if j.index in found and found[j.index][1] != sha:
                     raise BuildError(
                         f"{j.lora_id} was built twice with different weights",
@@ -132,6 +166,9 @@ def pack(
                         key=j.lora_id,
                     )
                 found[j.index] = (wd, sha)
+                if output.split.kind == "group":
+                    flat = flatten(_row_metadata(j, doc), what="metadata", lora_id=j.lora_id)
+                    docs_keys[j.index] = flat.get(output.split.key, _MISSING)
                 states[j.index] = st.get(j.index, JobState(DONE))
                 states[j.index].state = DONE
             elif states.get(j.index, JobState()).state != DONE:
@@ -161,28 +198,15 @@ def pack(
             key="jobs",
         )
     done = sorted(found)
-    rows = []
-    for i in done:
-        weights, doc = found[i][0].read_result(i)  # type: ignore[misc]
-        j = jobs[i]
-        builder_meta = dict(doc["metadata"])
-        # one prefix each (format 2): hp.* = the varied values plus whatever else the builder
-        # resolved (its defaults), seed.* = the job's derived seeds
-        resolved_hp = dict(builder_meta.pop("hp", None) or {})
-        meta = {
-            **builder_meta,
-            "job_index": i,
-            **dict(j.data),
-            "hp": {**dict(j.hparams), **resolved_hp},
-            "seed": dict(j.seeds),
-        }
-        rows.append((j, weights, meta, doc["scores"]))
-    flat = [flatten(m, what="metadata", lora_id=j.lora_id) for j, _, m, _ in rows]
-    ids = [j.lora_id for j, *_ in rows]
+    ids = [jobs[i].lora_id for i in done]
     if split_of is not None and all(i in split_of for i in ids):
         assign = {i: str(split_of[i]) for i in ids}  # a rebuild keeps the original's splits
     else:
-        assign = _split_assignment(ids, flat, output.split)
+        keyed = [
+            {} if docs_keys.get(i, _MISSING) is _MISSING else {output.split.key: docs_keys[i]}
+            for i in done
+        ]
+        assign = _split_assignment(ids, keyed, output.split)
     root = Path(out)
     mode = "overwrite" if overwrite else "create"
     dtype = getattr(torch, output.dtype)
@@ -194,14 +218,26 @@ def pack(
     )
     w = ZooWriter(root, shard_max_rows=output.shard_rows, mode=mode)
     try:
-        for j, weights, meta, scores in tqdm(rows, desc="pack", unit="lora", disable=not progress):
+        for i in tqdm(done, desc="pack", unit="lora", disable=not progress):
+            j, wd = jobs[i], found[i][0]
+            res = wd.read_result(i)  # the one read + sha256 of this LoRA's weights
+            if res is None:
+                raise BuildError(
+                    "finished LoRA's weights are missing or do not match their recorded sha256 "
+                    "(changed on disk since it was trained?); delete its files in the work dir "
+                    "and run build again to retrain it",
+                    file=wd.root,
+                    key=j.lora_id,
+                )
+            weights, doc = res
             rec = LoraRecord.from_safetensors_bytes(weights, file=j.lora_id).to(dtype)
+            del weights
             w.add(
                 rec,
                 lora_id=j.lora_id,
                 split=assign[j.lora_id],
-                metadata=meta,
-                labels=scores,
+                metadata=_row_metadata(j, doc),
+                labels=doc["scores"],
                 base_model=base_name,
                 collection=output.collection,
             )

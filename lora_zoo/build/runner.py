@@ -45,6 +45,8 @@ from lora_zoo.build import plan as planlib
 from lora_zoo.build.api import JobSpec, TrainedLora
 from lora_zoo.build.backends.local import local_trainer
 from lora_zoo.build.backends.ray import ray_trainer
+from lora_zoo.build.backends.store import build_key, open_store
+from lora_zoo.build.lock import work_dir_lock
 from lora_zoo.build.pack import _split_assignment, _work_dirs, pack
 from lora_zoo.build.recipe import Recipe, load_recipe, load_recipe_text
 from lora_zoo.build.registry import builder_info
@@ -119,7 +121,12 @@ def _record_results(
         if st is None or st.state != PENDING:
             continue  # a neighbour outside this build, or finished earlier (chunks run whole)
         wall = tl.wall_time_s or chunk_wall / len(chunk)
-        if tl.status == "done" and tl.record is not None:
+        ref = getattr(tl, "ref", None)  # a StoredLora: the worker put it into the --store
+        if tl.status == "done" and ref is not None:
+            wd.write_ref(tl.doc, ref)  # type: ignore[union-attr]
+            st.state, st.wall_time_s = DONE, wall
+            wd.append(job.index, DONE, attempts=attempts, wall_time_s=round(wall, 4))
+        elif tl.status == "done" and tl.record is not None:
             try:
                 tl.record.validate(file=job.lora_id)
                 weights = canonical_safetensors(tl.record.to_safetensors_bytes())
@@ -156,12 +163,16 @@ def run_jobs(
     backend: str = "local",
     progress: bool = True,
     chunk_list: Sequence[Sequence[JobSpec]] | None = None,
+    store: str | None = None,
+    backend_options: Mapping[str, Any] | None = None,
 ) -> dict[int, JobState]:
     """Train every pending job of ``wd`` (chunks of ``k``); returns the final states.
 
     ``chunk_list`` gives the batched passes explicitly (a shard, or ``only_ids``: whole chunks
     of the full plan, so a LoRA keeps its neighbours); members that are not in ``jobs`` are
-    trained with their chunk but never recorded."""
+    trained with their chunk but never recorded. ``store`` (an fsspec URL): workers put each
+    finished LoRA there and the work dir records references (backends/store.py); a LoRA found
+    there on start is recorded, not retrained. ``backend_options``: Ray's ``RAY_OPTIONS``."""
     from tqdm.auto import tqdm
 
     if max_attempts < 1:
@@ -173,10 +184,21 @@ def run_jobs(
     def pending(j: JobSpec) -> bool:
         return j.index in states and states[j.index].state == PENDING
 
+    build_name = ""
+    if store is not None:
+        build_name = (
+            f"{recipe.name}-{build_key(recipe.sha256(), k, wd.meta()['builder']['VERSION'])}"
+        )
+        _recover_from_store(wd, jobs, states, store, build_name)
     todo = [list(c) for c in (chunk_list or chunks(jobs, k)) if any(pending(j) for j in c)]
     if not todo:
         return states
-    train = ray_trainer(recipe, device, todo) if backend == "ray" else local_trainer(recipe, device)
+    if backend == "ray":
+        train = ray_trainer(
+            recipe, device, todo, store=store, build=build_name, options=backend_options
+        )
+    else:
+        train = local_trainer(recipe, device, store, build_name)
     done0 = sum(s.state != PENDING for s in states.values())
     bar = tqdm(total=len(jobs), initial=done0, desc=recipe.name, unit="lora", disable=not progress)
     try:
@@ -210,11 +232,89 @@ def run_jobs(
             bar.update(n_pend)
     finally:
         bar.close()
+        getattr(train, "close", lambda: None)()  # Ray: free the worker actors
     return states
 
 
+def _recover_from_store(
+    wd: WorkDir, jobs: Sequence[JobSpec], states: dict[int, JobState], store: str, build: str
+) -> None:
+    """Record pending jobs whose LoRA a worker already put into the store (a driver that died
+    after the upload, or a build resumed in a fresh work dir): nothing there is retrained."""
+    st = open_store(store)
+    n = 0
+    for j in jobs:
+        s = states.get(j.index)
+        if s is None or s.state != PENDING:
+            continue
+        job_dir = st.job_dir(build, j.index, j.to_dict())
+        hit = st.find(job_dir)
+        if hit is None:
+            bad = st.find_failure(job_dir)
+            if bad is not None:  # diverged before: deterministic, not worth a retrain
+                s.attempts += 1
+                s.state, s.reason, s.failed_step, s.diverged = (
+                    FAILED,
+                    bad.get("error"),
+                    bad.get("failed_step"),
+                    True,
+                )
+                wd.append(
+                    j.index,
+                    FAILED,
+                    attempts=s.attempts,
+                    reason=s.reason,
+                    failed_step=s.failed_step,
+                    diverged=True,
+                    from_store=True,
+                )
+                n += 1
+            continue
+        ref, doc = hit
+        doc = {key: v for key, v in doc.items() if key != "weights_bytes"}
+        wd.write_ref(doc, ref.to_dict())
+        s.attempts += 1  # the attempt the worker finished (its driver never logged it)
+        wd.append(j.index, DONE, attempts=s.attempts, from_store=True)
+        s.state = DONE
+        n += 1
+    if n:
+        log.info("recorded %d LoRA(s) already in the store %s", n, store)
+
+
 # ---- entry points -----------------------------------------------------------------------------
-def build(
+def _zoo_is_current(
+    out_dir: str | os.PathLike[str], wd: WorkDir, states: Mapping[int, JobState]
+) -> bool:
+    """True when ``out_dir`` already holds the zoo this work dir would pack: same recipe, same
+    builder VERSION, exactly the finished LoRAs. Then a re-run of ``build`` is a no-op: no
+    re-pack that could be killed halfway, nothing a user added is touched."""
+    from lora_zoo.zoo.manifest import read_manifest
+    from lora_zoo.zoo.schema import MANIFEST_NAME
+
+    root = Path(out_dir)
+    if not (root / MANIFEST_NAME).exists():
+        return False
+    try:
+        m = read_manifest(*_local_fs(root))
+    except LoraZooError:
+        return False
+    info, meta = m.get("info") or {}, wd.meta()
+    done = {j.lora_id for j in wd.jobs() if states.get(j.index, JobState()).state == DONE}
+    have = (info.get("build") or {}).get("num_done")
+    return (
+        info.get("recipe_sha256") == meta.get("recipe_sha256")
+        and (info.get("builder") or {}).get("VERSION") == meta["builder"].get("VERSION")
+        and have == len(done) == m.get("num_rows")
+    )
+
+
+def _local_fs(root: Path) -> tuple[Any, str]:
+    import fsspec
+
+    return fsspec.filesystem("file"), str(root.resolve())
+
+
+def _build(
     recipe: Recipe | str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
     only_ids: Iterable[str] | None = None,
@@ -230,6 +330,8 @@ def build(
     limit: int | None = None,
     progress: bool = True,
     split_of: Mapping[str, str] | None = None,
+    store: str | None = None,
+    backend_options: Mapping[str, Any] | None = None,
 ) -> BuildResult:
     """Plan, train (resuming whatever ``out_dir`` holds) and, unless sharded, pack into
     ``out_dir``. Re-running the same call after a crash continues where it stopped.
@@ -270,6 +372,8 @@ def build(
         backend=backend,
         progress=progress,
         chunk_list=train_chunks,
+        store=store,
+        backend_options=backend_options,
     )
     counts = {s: sum(st.state == s for st in states.values()) for s in (DONE, FAILED, PENDING)}
     failed = [
@@ -282,7 +386,10 @@ def build(
         if states[j.index].state == FAILED
     ]
     zoo = None
-    if shard is None and pack_zoo and counts[PENDING] == 0:
+    if shard is None and pack_zoo and counts[PENDING] == 0 and _zoo_is_current(out_dir, wd, states):
+        log.info("%s is complete and current: nothing to pack (the zoo is left as it is)", out_dir)
+        zoo = Path(out_dir)
+    elif shard is None and pack_zoo and counts[PENDING] == 0:
         pack(
             [wd.root],
             out_dir,
@@ -293,6 +400,20 @@ def build(
         )
         zoo = Path(out_dir)
     return BuildResult(work_dir=wd.root, zoo=zoo, counts=counts, failed=failed)
+
+
+def build(
+    recipe: Recipe | str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    only_ids: Iterable[str] | None = None,
+    **kw: Any,
+) -> BuildResult:
+    """Plan, train (resuming whatever ``out_dir`` holds) and, unless sharded, pack into
+    ``out_dir`` (see ``_build`` for the options), under the work dir's lock: two builds on one
+    ``--out`` (or one shard) would append to the same job log, so the second is refused with
+    the holder's pid and host. On a finished, current zoo this is a no-op that says so."""
+    with work_dir_lock(work_dir_for(out_dir, kw.get("shard"))):
+        return _build(recipe, out_dir, only_ids, **kw)
 
 
 def status(path: str | os.PathLike[str]) -> list[dict[str, Any]]:

@@ -24,7 +24,7 @@ from lora_zoo.build import plan as planlib
 from lora_zoo.build.api import JobSpec, TrainedLora
 from lora_zoo.build.recipe import Recipe
 from lora_zoo.errors import BuildError
-from lora_zoo.record import LoraRecord
+from lora_zoo.record import LoraRecord, canonical_safetensors  # noqa: F401  (re-export)
 
 log = logging.getLogger(__name__)
 
@@ -48,30 +48,6 @@ def parse_shard(text: str) -> tuple[int, int]:
     return si, sn
 
 
-def canonical_safetensors(data: bytes) -> bytes:
-    """The same safetensors file with its JSON header keys sorted.
-
-    Why: the safetensors writer keeps ``__metadata__`` and the tensor entries in a hash map
-    whose order changes from process to process, so one tensor dict saved in two processes
-    gives different bytes. Sorting the header (tensor data and offsets are untouched) makes the
-    bytes a function of the content, which resume-equals-clean-build needs."""
-    n = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8 : 8 + n])
-    if "__metadata__" in header:
-        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
-    text = json.dumps(dict(sorted(header.items())), separators=(",", ":"), ensure_ascii=False)
-    raw = text.encode()
-    raw += b" " * (-len(raw) % 8)  # keep the data 8-byte aligned, as safetensors does
-    return len(raw).to_bytes(8, "little") + raw + data[8 + n :]
-
-
-class _CanonicalRecord(LoraRecord):
-    """A LoraRecord whose bytes (what ZooWriter stores) have a sorted header; see above."""
-
-    def to_safetensors_bytes(self, metadata: Any = None) -> bytes:
-        return canonical_safetensors(super().to_safetensors_bytes(metadata))
-
-
 def _plain(v: Any) -> Any:
     """JSON-able copy (numpy / torch scalars -> Python, tuples -> lists)."""
     if isinstance(v, dict):
@@ -83,6 +59,25 @@ def _plain(v: Any) -> Any:
     if hasattr(v, "item"):
         return v.item()
     return v
+
+
+def result_doc(tl: TrainedLora, weights: bytes) -> dict[str, Any]:
+    """The JSON document of one finished LoRA (work dir and ``--store`` write the same one)."""
+    doc = {
+        "index": tl.job.index,
+        "lora_id": tl.job.lora_id,
+        "job": tl.job.to_dict(),
+        "metadata": _plain(tl.metadata),
+        "scores": _plain(tl.scores),
+        "weights_sha256": hashlib.sha256(weights).hexdigest(),
+    }
+    try:
+        json.dumps(doc, sort_keys=True, allow_nan=True)
+    except (TypeError, ValueError) as e:
+        raise BuildError(
+            f"builder metadata/scores are not JSON-able: {e}", key=tl.job.lora_id
+        ) from e
+    return doc
 
 
 @dataclass
@@ -203,31 +198,41 @@ class WorkDir:
 
     def write_result(self, tl: TrainedLora, weights: bytes) -> None:
         st_path, js_path = self._paths(tl.job.index)
-        doc = {
-            "index": tl.job.index,
-            "lora_id": tl.job.lora_id,
-            "job": tl.job.to_dict(),
-            "metadata": _plain(tl.metadata),
-            "scores": _plain(tl.scores),
-            "weights_sha256": hashlib.sha256(weights).hexdigest(),
-        }
-        try:
-            text = json.dumps(doc, sort_keys=True, allow_nan=True)
-        except (TypeError, ValueError) as e:
-            raise BuildError(
-                f"builder metadata/scores are not JSON-able: {e}", key=tl.job.lora_id
-            ) from e
+        text = json.dumps(result_doc(tl, weights), sort_keys=True, allow_nan=True)
         atomic_write_bytes(st_path, weights)
         atomic_write_bytes(js_path, text.encode())
 
-    def read_result(self, index: int) -> tuple[bytes, dict[str, Any]] | None:
-        """(weights, doc) when both files are complete and agree, else None."""
-        st_path, js_path = self._paths(index)
-        if not (st_path.exists() and js_path.exists()):
+    def write_ref(self, doc: dict[str, Any], ref: dict[str, Any]) -> None:
+        """Record a LoRA that a worker put into a ``--store`` (see backends/store.py): only the
+        result document plus where its weights are; the weights never pass through here."""
+        _, js_path = self._paths(int(doc["index"]))
+        full = {**doc, "weights_sha256": ref["weights_sha256"], "store": dict(ref)}
+        full.pop("weights_bytes", None)
+        atomic_write_bytes(js_path, json.dumps(full, sort_keys=True, allow_nan=True).encode())
+
+    def _read_doc(self, index: int) -> dict[str, Any] | None:
+        _, js_path = self._paths(index)
+        if not js_path.exists():
             return None
         try:
-            doc = json.loads(js_path.read_text())
+            return json.loads(js_path.read_text())
         except json.JSONDecodeError:
+            return None
+
+    def read_result(self, index: int) -> tuple[bytes, dict[str, Any]] | None:
+        """(weights, doc) when both files are complete and agree, else None. A LoRA recorded
+        from a store is read from there (sha256 checked)."""
+        doc = self._read_doc(index)
+        if doc is None:
+            return None
+        if doc.get("store"):
+            from lora_zoo.build.backends.store import StoreRef, open_store
+
+            ref = StoreRef.from_dict(doc["store"])
+            data = open_store(ref.url).get(ref)
+            return None if data is None else (data, doc)
+        st_path, _ = self._paths(index)
+        if not st_path.exists():
             return None
         weights = st_path.read_bytes()
         if hashlib.sha256(weights).hexdigest() != doc.get("weights_sha256"):
@@ -235,6 +240,13 @@ class WorkDir:
         return weights, doc
 
     def has_result(self, index: int) -> bool:
+        doc = self._read_doc(index)
+        if doc is not None and doc.get("store"):
+            # resume / status must not download every LoRA: a size check (pack verifies sha256)
+            from lora_zoo.build.backends.store import StoreRef, open_store
+
+            ref = StoreRef.from_dict(doc["store"])
+            return open_store(ref.url).exists(ref)
         return self.read_result(index) is not None
 
     def current(

@@ -45,6 +45,21 @@ def register(sub: Any) -> None:
     p.add_argument("--max-attempts", type=int, default=2, help="tries per chunk on exceptions")
     p.add_argument("--retry-failed", action="store_true", help="retry jobs that failed before")
     p.add_argument("--backend", choices=("local", "ray"), default="local")
+    p.add_argument(
+        "--store",
+        default=None,
+        metavar="URL",
+        help="fsspec URL (shared path, s3://, gs://) where workers write finished LoRAs; "
+        "the work dir records references, a rerun records what is there instead of retraining",
+    )
+    p.add_argument(
+        "--address", default=None, help="Ray cluster to join (auto, host:port, ray://...)"
+    )
+    p.add_argument(
+        "--workers", type=int, default=None, help="Ray actors (default: one per GPU / CPU)"
+    )
+    p.add_argument("--cpus-per-worker", type=float, default=None, help="Ray: CPUs per actor")
+    p.add_argument("--gpus-per-worker", type=float, default=None, help="Ray: GPUs per actor")
     p.add_argument("--limit", type=int, default=None, help="first N jobs only (smoke runs)")
     p.add_argument("--no-pack", action="store_true", help="train only; pack later")
     p.add_argument("--no-progress", action="store_true")
@@ -84,6 +99,21 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_build(args: argparse.Namespace) -> int:
     from lora_zoo.build.runner import build, parse_shard
 
+    ray_opts = {
+        "address": args.address,
+        "workers": args.workers,
+        "cpus_per_worker": args.cpus_per_worker,
+        "gpus_per_worker": args.gpus_per_worker,
+    }
+    ray_opts = {key: v for key, v in ray_opts.items() if v is not None}
+    if ray_opts and args.backend != "ray":
+        from lora_zoo.errors import BuildError
+
+        raise BuildError(f"--{sorted(ray_opts)[0].replace('_', '-')} needs --backend ray")
+    if args.backend == "local":
+        from lora_zoo.build.backends.local import check_device
+
+        check_device(args.device)  # before any work dir is made
     res = build(
         args.recipe,
         args.out,
@@ -97,6 +127,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         pack_zoo=not args.no_pack,
         limit=args.limit,
         progress=not args.no_progress,
+        store=args.store,
+        backend_options=ray_opts or None,
     )
     c = res.counts
     print(f"{c['done']} done, {c['failed']} failed, {c['pending']} pending ({res.work_dir})")

@@ -58,16 +58,24 @@ API (stable; builders/causal_lm/ and builders/text_to_image/ use exactly this)::
     #   (labels -100 => zero loss weight) so LoRAs with different batch sizes share one pass
     peft_init_like(peft_model, spec, adapter_name="default")
     #   give a PEFT model exactly the init MultiLoraModel gives LoRA `spec` (reference tests)
+
+    with autocast(device, "bfloat16"): model(**batch)   # base matmuls in bf16, factors fp32
+    est = memory.estimate(model, list(mm.wrappers.values()), k=K, rows=b, r=r,
+                          run_one_row=lambda: loss_of_K_rows / K)   # bytes per pass, by K
+    memory.format_table(est)                            # the table builders log before a build
 """
 
 from __future__ import annotations
 
+from lora_zoo.engine import memory
 from lora_zoo.engine.layers import MultiLoraLinear
 from lora_zoo.engine.model import LoraSpec, MultiLoraModel, peft_init_like
 from lora_zoo.engine.optim import StackedAdamW, TrainHParams, clip_grad_norm_per_lora, lr_factor
+from lora_zoo.engine.precision import AUTOCAST_DTYPES, autocast
 from lora_zoo.engine.trainer import IGNORE_INDEX, MultiLoraTrainer, stack_rows
 
 __all__ = [
+    "AUTOCAST_DTYPES",
     "IGNORE_INDEX",
     "LoraSpec",
     "MultiLoraLinear",
@@ -75,8 +83,10 @@ __all__ = [
     "MultiLoraTrainer",
     "StackedAdamW",
     "TrainHParams",
+    "autocast",
     "clip_grad_norm_per_lora",
     "lr_factor",
+    "memory",
     "peft_init_like",
     "stack_rows",
 ]
