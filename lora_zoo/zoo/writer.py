@@ -24,10 +24,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lora_zoo._io import TMP_SUFFIX, fsync_dir, sha256_file, tmp_path_for
+from lora_zoo._io import TMP_SUFFIX, atomic_write_bytes, fsync_dir, sha256_file, tmp_path_for
 from lora_zoo.errors import DuplicateIdError, SchemaConflictError, ZooFormatError
 from lora_zoo.record import LoraRecord
 from lora_zoo.zoo.card_min import write_minimal_card
+from lora_zoo.zoo.croissant import CROISSANT_NAME, croissant_bytes
 from lora_zoo.zoo.manifest import read_manifest, write_manifest
 from lora_zoo.zoo.schema import (
     CORE_COLUMNS,
@@ -470,6 +471,9 @@ class ZooWriter:
             self._named_splits = self._carried_named_splits()
         manifest = self._manifest(schema)
         write_minimal_card(self.root, manifest)
+        atomic_write_bytes(
+            self.root / CROISSANT_NAME, croissant_bytes(manifest, name=self.root.resolve().name)
+        )
         write_manifest(self.root, manifest)
         for p in self._superseded:
             p.unlink(missing_ok=True)
