@@ -214,12 +214,42 @@ def plot_spectra(zoo: Any, path: Path, max_loras: int = 64, max_panels: int = 12
     return path
 
 
+def plot_bench(zoo: Any, path: Path) -> Path | None:
+    """Primary test metric per bench model (mean ± std over seeds) against the baseline."""
+    from lora_zoo.cards.bench import read_bench
+
+    res = read_bench(zoo)
+    if not res or not res.get("runs") or not res.get("primary_metric"):
+        return None
+    prim = res["primary_metric"]
+    runs = [r for r in res["runs"] if r.get("model") != "baseline"]
+    base = next((r for r in res["runs"] if r.get("model") == "baseline"), None)
+    names = [f"{r['model']}\n{r['view']}" for r in runs]
+    mean = np.array([r["summary"][prim]["mean"] for r in runs])
+    std = np.array([r["summary"][prim]["std"] for r in runs])
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(max(6.0, 0.9 * len(runs)), 3.6), layout="constrained")
+    ax = fig.subplots()
+    ax.bar(np.arange(len(runs)), mean, yerr=std, color="#3b7dd8", capsize=3)
+    if base is not None:
+        ax.axhline(base["summary"][prim]["mean"], color="k", ls="--", lw=1, label="baseline")
+        ax.legend(fontsize=8)
+    ax.set_xticks(np.arange(len(runs)), names, fontsize=7)
+    ax.set_ylabel(f"test {prim}")
+    ax.set_title(f"lora-zoo bench: {res.get('target')} ({res.get('repeats')} seeds)", fontsize=10)
+    fig.savefig(path, dpi=_DPI)
+    return path
+
+
 def make_plots(zoo: Any, out_dir: str | Path, max_loras: int = 64) -> dict[str, str]:
     """Draw every plot that has data into ``out_dir``; {kind: file name}."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     made: dict[str, str] = {}
-    for kind, fn in (("labels", plot_labels), ("spectra", plot_spectra), ("hparams", plot_hparams)):
+    kinds = (("labels", plot_labels), ("spectra", plot_spectra), ("hparams", plot_hparams),
+             ("bench", plot_bench))  # fmt: skip
+    for kind, fn in kinds:
         path = out_dir / f"{kind}.png"
         try:
             res = fn(zoo, path) if kind != "spectra" else fn(zoo, path, max_loras)

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from lora_zoo.cards.bench import read_bench
 from lora_zoo.errors import ZooFormatError
 from lora_zoo.zoo.card_min import configs_header
 from lora_zoo.zoo.schema import README_NAME
@@ -280,6 +281,34 @@ def _modules_and_dtypes(zoo: Any) -> tuple[dict[str, Any], list[str]]:
     )
 
 
+def bench_rows(zoo: Any) -> dict[str, Any] | None:
+    """The results table of the card: model, view, symmetry, metrics mean ± std, vs baseline."""
+    res = read_bench(zoo)
+    if not res or not res.get("runs"):
+        return None
+    prim = res.get("primary_metric")
+    metrics = [m for m in ("accuracy", "auroc", "r2", "kendall_tau", "spearman")
+               if m in res["runs"][0].get("summary", {})]  # fmt: skip
+    base = next((r for r in res["runs"] if r.get("model") == "baseline"), None)
+    b = base["summary"][prim]["mean"] if base and prim else math.nan
+    rows = []
+    for r in res["runs"]:
+        cells = [f"{r['summary'][m]['mean']:.3f} ± {r['summary'][m]['std']:.3f}" for m in metrics]
+        d = r["summary"][prim]["mean"] - b if prim else math.nan
+        rows.append({"model": r.get("model"), "view": r.get("view"),
+                     "symmetry": r.get("invariance", "-"), "cells": cells, "delta": f"{d:+.3f}"})  # fmt: skip
+    n = res.get("n") or {}
+    return {
+        "target": res.get("target"),
+        "task": res.get("task"),
+        "metrics": metrics,
+        "primary": prim,
+        "rows": rows,
+        "repeats": res.get("repeats"),
+        "split": f"{n.get('fit')}/{n.get('valid')}/{n.get('test')}",
+    }
+
+
 def card_context(
     zoo: Any, plots: dict[str, str] | None = None, repo_id: str | None = None
 ) -> dict[str, Any]:
@@ -307,6 +336,11 @@ def card_context(
         "hparams": (
             "hyperparameter histograms",
             "Ranks, alphas and the training hyperparameters that vary across the zoo.",
+        ),
+        "bench": (
+            "what LoL models learn from this zoo",
+            "Test-split score of each `lora-zoo bench` model (mean and std over seeds), against "
+            "the baseline (dashed).",
         ),
     }
     return {
@@ -351,6 +385,7 @@ def card_context(
             if k in captions
         ],
         "provenance": provenance_rows(info),
+        "bench": bench_rows(zoo),
         "split_method": split_method(info),
         "named_splits": [
             {
@@ -394,7 +429,9 @@ def render_card(
     if plots is None and zoo.is_local:  # link plots already drawn next to the card
         pdir = Path(zoo.root) / "plots"
         plots = {
-            k: f"{k}.png" for k in ("labels", "spectra", "hparams") if (pdir / f"{k}.png").exists()
+            k: f"{k}.png"
+            for k in ("labels", "spectra", "hparams", "bench")
+            if (pdir / f"{k}.png").exists()
         }
     return _template(template).render(**card_context(zoo, plots, repo_id))
 

@@ -8,7 +8,7 @@ import logging
 import sys
 
 # verb-group modules, in help order
-_GROUPS = ("zoo", "build", "hub", "contrib", "demo")
+_GROUPS = ("zoo", "build", "hub", "contrib", "demo", "lol")
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -26,6 +26,8 @@ def register(sub: Any) -> None:
         help="override a quickstart recipe field (e.g. num_loras=32)",
     )
     p.add_argument("--folds", type=int, default=5, help="cross-validation folds of the probe")
+    p.add_argument("--probe", action="store_true", help="also run the logistic svals probe")
+    p.add_argument("--repeats", type=int, default=2, help="seeds per bench model")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo, needs_stack=True)
 
@@ -35,14 +37,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     res = run_demo(
-        args.out, overrides=args.overrides, progress=not args.no_progress, folds=args.folds
+        args.out,
+        overrides=args.overrides,
+        progress=not args.no_progress,
+        folds=args.folds,
+        probe=args.probe,
+        repeats=args.repeats,
     )
     how = "built" if res.built else "reused"
     print(f"zoo: {res.zoo} ({res.num_loras} LoRAs, {how}) in {time.perf_counter() - t0:.0f} s")
-    print(res.table())
+    if res.results:
+        print(res.table())
+        print()
+    print(res.bench_table())
     print(
-        f"\nchance = majority-class rate; the probe is {args.folds}-fold cross-validated "
-        "logistic regression on the singular values of each module's delta W."
+        "\nbench: trained on the zoo's train split, tested on its test split; baseline = "
+        "majority class; symmetry = what the model is invariant to (GL(r): the LoRA symmetry). "
+        f"Stored in {res.zoo}/bench/results.json; `lora-zoo bench` runs every reference model."
     )
     print(
         f"load it yourself:  zoo = lora_zoo.load_zoo({str(res.zoo)!r}); "

@@ -14,20 +14,30 @@ Two entry points, one output format:
 
 Output (``collate_loras``)::
 
-    {"lora_id": [b], "index": (b,), "labels": {col: tensor (b, ...) | list},
+    {"lora_id": [b], "index": (b,), "base_model": [b],
+     "labels": {col: tensor (b, ...) (NaN where missing) | list (strings only)},
+     "label_mask": {col: bool tensor, True where a value is present},
+     "module_info": {name: {"layer", "index_path", "type", "out_features", "in_features"}},
      "modules": {name: {"U": (b, n, r), "V": (b, m, r), "S": (b, r), "W": (b, n, m),
-                        "mask": (b, r) bool}}}
+                        "mask": (b, r) bool, "present": (b,) bool}}}
 
 (only the keys the view produces). Mixed ranks are zero-padded to the batch max; ``mask`` marks
 real rank columns. Zero padding is exact for every built-in view (zero columns add nothing to
-U V^T; see ``symmetry.pad_rank``).
+U V^T; see ``symmetry.pad_rank``). Mixed module sets: a batch covers the union of its LoRAs'
+modules (``natural_key`` order); a LoRA without a module has zeros there and ``present`` False.
+
+``device="cuda"`` runs the views (QR, SVD, GEMMs) on that device: factors are decoded on the
+CPU, moved, viewed there, and the batch comes back on the device (use ``num_workers=0``, as
+CUDA does not survive a fork into DataLoader workers).
 """
 
 from __future__ import annotations
 
 import fnmatch
 import logging
+import math
 import os
+import random
 import re
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -35,10 +45,11 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
+from lora_zoo._io import stable_permutation
 from lora_zoo.errors import (
     SelectionError,
 )
-from lora_zoo.load.collate import _arrow_labels, _merge
+from lora_zoo.load.collate import _arrow_labels, _merge, label_masks, labels_to_batch
 from lora_zoo.load.decode import Factors, decode_weight_batch
 from lora_zoo.load.views import RANK_KEYS, ViewContext, apply_view, get_view
 from lora_zoo.record import LoraRecord
@@ -50,14 +61,18 @@ BASE_COLUMNS = ("lora_id", "base_model", "collection", "rank", "num_modules", "a
 
 # ---- module selection ------------------------------------------------------------------------
 def select_modules(
-    names: Sequence[str], patterns: str | re.Pattern | Sequence[str | re.Pattern] | None
+    names: Sequence[str],
+    patterns: str | re.Pattern | Sequence[str | re.Pattern] | None,
+    *,
+    each: bool = True,
 ) -> list[str]:
     """Module names matching any pattern, in stored order.
 
     A pattern is a glob (``*.q_proj``, fnmatch rules, whole name) or a regex: a compiled
     ``re.Pattern`` or a string prefixed ``re:`` (``re:.*layers\\.(0|1)\\..*``), matched with
     ``fullmatch`` like PEFT's ``target_modules``. A pattern that matches nothing is an error:
-    a silent empty selection would train a model on nothing.
+    a silent empty selection would train a model on nothing. With ``each=False`` (a LoRA of a
+    mixed collection, which need not have every selected module) only an empty result is.
     """
     if patterns is None:
         return list(names)
@@ -69,7 +84,7 @@ def select_modules(
             hit = {n for n in names if rx.fullmatch(n)}
         else:
             hit = {n for n in names if fnmatch.fnmatchcase(n, p)}
-        if not hit:
+        if not hit and (each or p is pats[-1] and not keep):
             shown = ", ".join(list(names)[:5])
             raise SelectionError(
                 f"module pattern matches none of {len(names)} modules (e.g. {shown})",
@@ -99,6 +114,7 @@ class _ZooViews:
         view_options: dict[str, Any] | None = None,
         revision: str | None = None,
         validate: bool = True,
+        device: str | torch.device | None = None,
     ) -> None:
         spec = get_view(view)  # unknown names fail here, with suggestions
         self.view, self.modules, self.dtype = spec.name, modules, dtype
@@ -119,6 +135,7 @@ class _ZooViews:
                 or "zoo"
             )
         self._split = None if self._source else split_or_path
+        self.device = None if device is None else check_device(device, self.where)
         if spec.needs_template and template_id is None:
             raise SelectionError(
                 f"view {view!r} needs template_id=<lora_id>", file=self.where, key="template_id"
@@ -174,7 +191,7 @@ class _ZooViews:
     def _select(self, names: Sequence[str]) -> list[str]:
         key = tuple(names)
         if key not in self._selected:
-            self._selected[key] = select_modules(names, self.modules)
+            self._selected[key] = select_modules(names, self.modules, each=False)
         return self._selected[key]
 
     def _views(self, fac: Factors, indices: Sequence[int]) -> dict[str, dict[str, Any]]:
@@ -182,6 +199,8 @@ class _ZooViews:
         out: dict[str, dict[str, Any]] = {}
         idx = tuple(int(i) for i in indices)  # once per group, not once per module
         for name, (u, v) in fac.items():  # already selected by the decoder  # (g, n, r), (g, m, r)
+            if self.device is not None:
+                u, v = u.to(self.device), v.to(self.device)
             template = None
             if self.template_id is not None:
                 tf = self._template_factors()
@@ -192,6 +211,8 @@ class _ZooViews:
                         key=name,
                     )
                 template = tf[name]
+                if self.device is not None:
+                    template = (template[0].to(self.device), template[1].to(self.device))
             ctx = ViewContext(
                 module=name,
                 indices=idx,
@@ -202,6 +223,7 @@ class _ZooViews:
                 options=self.view_options,
             )
             res = apply_view(self.view, u, v, ctx)
+            res["features"] = (int(u.shape[-2]), int(v.shape[-2]))  # ΔW is (out, in)
             rank = u.shape[-1]
             for k, t in res.items():
                 if k in RANK_KEYS and t.shape[-1] > rank:
@@ -211,44 +233,77 @@ class _ZooViews:
         return out
 
 
+def check_device(device: str | torch.device, where: str = "zoo") -> torch.device:
+    """A usable torch device, or a ``DeviceUnavailableError`` naming it (never a late CUDA
+    failure deep inside a view)."""
+    from lora_zoo.errors import DeviceUnavailableError
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise DeviceUnavailableError(f"not a torch device: {e}", file=where, key=str(device)) from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceUnavailableError(
+            "CUDA was asked for but torch sees no CUDA device (CPU-only build or no GPU); "
+            "use --device cpu",
+            file=where,
+            key=str(device),
+        )
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise DeviceUnavailableError(
+            f"only {torch.cuda.device_count()} CUDA devices", file=where, key=str(device)
+        )
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceUnavailableError("MPS is not available", file=where, key=str(device))
+    return dev
+
+
 def _items(
     views: dict[str, dict[str, Any]],
     rows: Sequence[int],
     ids: Sequence[str],
     indices: Sequence[int],
     labels: dict[str, list[Any]],
+    base_models: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Split group stacks into per-LoRA items (the map-style / unbatched output)."""
     items = []
     for j, row in enumerate(rows):
         mods = {
-            n: {k: (t if k == "rank" else t[j]) for k, t in res.items()} for n, res in views.items()
+            n: {k: (t if k in ("rank", "features") else t[j]) for k, t in res.items()}
+            for n, res in views.items()
         }
-        items.append(
-            {
-                "lora_id": ids[row],
-                "index": int(indices[j]),
-                "modules": mods,
-                "labels": {c: vals[row] for c, vals in labels.items()},
-            }
-        )
+        item = {
+            "lora_id": ids[row],
+            "index": int(indices[j]),
+            "modules": mods,
+            "labels": {c: vals[row] for c, vals in labels.items()},
+        }
+        if base_models is not None:
+            item["base_model"] = base_models[row]
+        items.append(item)
     return items
 
 
 class LoraDataset(_ZooViews, Dataset):
-    """Map-style dataset: item i is LoRA i of the split, as ``{"lora_id", "index", "modules":
-    {name: {view outputs..., "rank"}}, "labels": {...}}``. Batch with ``collate_loras``."""
+    """Map-style dataset: item i is LoRA i of the split, as ``{"lora_id", "index", "base_model",
+    "modules": {name: {view outputs..., "rank", "features"}}, "labels": {...}}``. Batch with
+    ``collate_loras``."""
 
     def __init__(self, split_or_path: Any, view: str = "factors", **kwargs: Any) -> None:
         super().__init__(split_or_path, view, **kwargs)
         self._ids = list(self.split.ids)
-        self._labels: dict[str, list[Any]] = {}
-        if self.labels:
-            table = self.split.table(columns=list(self.labels))
-            self._labels = {c: table.column(c).to_pylist() for c in self.labels}
+        cols = [*self.labels, *(["base_model"] if "base_model" not in self.labels else [])]
+        table = self.split.table(columns=cols)
+        self._labels: dict[str, list[Any]] = {c: table.column(c).to_pylist() for c in self.labels}
+        self._base = table.column("base_model").to_pylist()
 
     def __len__(self) -> int:
         return len(self._ids)
+
+    def labels_tensors(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """Every label of the split at once, as a batch would hold them: (labels, masks)."""
+        return labels_to_batch(self._labels), label_masks(self._labels)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         import pyarrow as pa
@@ -265,18 +320,38 @@ class LoraDataset(_ZooViews, Dataset):
         )
         views = self._views(fac, [i])
         labels = {c: [vals[i]] for c, vals in self._labels.items()}
-        return _items(views, [0], [self._ids[i]], [i], labels)[0]
+        return _items(views, [0], [self._ids[i]], [i], labels, [self._base[i]])[0]
+
+
+_ROW = "__lora_zoo_row"  # the global row index, carried beside the columns while streaming
+
+
+def _even_range(n: int, parts: int, k: int) -> tuple[int, int]:
+    """Part k of ``range(n)`` cut into ``parts`` contiguous pieces whose sizes differ by <= 1."""
+    base, extra = divmod(n, parts)
+    start = k * base + min(k, extra)
+    return start, start + base + (1 if k < extra else 0)
 
 
 class LoraIterableDataset(_ZooViews, IterableDataset):
-    """Streaming dataset over record batches, sharded across workers and ranks by batch.
+    """Streaming dataset over row groups, split evenly across ranks and workers.
 
     ``batch_size=None`` yields per-LoRA items (use ``DataLoader(..., collate_fn=collate_loras)``);
-    ``batch_size=B`` reads record batches of B rows and yields them already collated, decoded and
-    viewed as (B, ...) stacks (use ``DataLoader(ds, batch_size=None, num_workers=...)``): the
-    fast path. Record batch k goes to shard k % (world_size * num_workers), so no row is seen
-    twice; each worker still reads (not decodes) the other shards' batches, since the reader's
-    ``iter_batches`` has no shard argument.
+    ``batch_size=B`` yields batches of B rows already collated, decoded and viewed as (B, ...)
+    stacks (use ``DataLoader(ds, batch_size=None, num_workers=...)``): the fast path.
+
+    Sharding: the split's rows, in row-group order (shuffled by row group when
+    ``shuffle_buffer > 0``, with the same seed on every rank), are cut into ``world_size``
+    contiguous equal parts: every torch.distributed rank gets exactly ``ceil(N / world)`` rows
+    (the last parts wrap around to the first rows, as ``DistributedSampler`` pads), or
+    ``floor(N / world)`` with ``drop_last=True``, so no rank waits in a collective for one that
+    ran out. Each rank's part is cut again over its DataLoader workers (sizes differ by at most
+    one; nothing is repeated). A worker reads only the row groups its rows lie in (a ``ZooSplit``
+    from ``load_zoo``; a split object with only ``table`` / ``iter_batches`` is read whole).
+
+    ``shuffle_buffer=K``: rows pass through a seeded buffer of K rows (seed, epoch, shard) and
+    come out in random order; only Arrow row references are buffered, the weights are decoded
+    after the draw. Call ``set_epoch(e)`` for a new order each epoch.
     """
 
     def __init__(
@@ -286,38 +361,141 @@ class LoraIterableDataset(_ZooViews, IterableDataset):
         *,
         batch_size: int | None = None,
         read_batch_size: int = 256,
+        shuffle_buffer: int = 0,
+        drop_last: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(split_or_path, view, **kwargs)
         self.batch_size, self.read_batch_size = batch_size, batch_size or read_batch_size
+        self.shuffle_buffer, self.drop_last = int(shuffle_buffer), drop_last
 
-    def _shard(self) -> tuple[int, int]:
+    def _shard(self) -> tuple[int, int, int, int]:
+        """(rank, world, worker, workers)."""
         wi = get_worker_info()
         nw, wid = (wi.num_workers, wi.id) if wi is not None else (1, 0)
         rank, world = 0, 1
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        return rank * nw + wid, world * nw
+        return rank, world, wid, nw
+
+    def rows_for(self, rank: int, world: int, worker: int = 0, workers: int = 1) -> list[int]:
+        """The global row indices this shard reads, in reading order (before the buffer)."""
+        return [i for a, b in self._ranges(rank, world, worker, workers) for i in range(a, b)]
+
+    def _blocks(self) -> list[tuple[int, int]]:
+        """Global (start, stop) of each row group (the unit of reading and of the shuffle)."""
+        sp = self.split
+        if hasattr(sp, "_file") and hasattr(sp, "_starts"):
+            out = []
+            for k in range(len(sp._starts) - 1):
+                if sp._starts[k + 1] == sp._starts[k]:
+                    continue
+                sp._file(k)
+                rg = sp._rg_starts[k]
+                out += [(sp._starts[k] + a, sp._starts[k] + b) for a, b in zip(rg, rg[1:])]
+            return out
+        n, step = len(sp), max(1, self.read_batch_size)
+        return [(a, min(a + step, n)) for a in range(0, n, step)]
+
+    def _ranges(self, rank: int, world: int, worker: int, workers: int) -> list[tuple[int, int]]:
+        blocks = self._blocks()
+        if self.shuffle_buffer > 0:  # same permutation on every rank: seed and epoch only
+            perm = stable_permutation(len(blocks), self.seed, f"stream/{self.epoch}")
+            blocks = [blocks[j] for j in perm]
+        n = sum(b - a for a, b in blocks)
+        if n == 0:
+            return []
+        per = n // world if self.drop_last else math.ceil(n / world)
+        lo, hi = _even_range(per, workers, worker)
+        lo, hi = rank * per + lo, rank * per + hi  # positions in the (wrapped) virtual order
+        out: list[tuple[int, int]] = []
+        for lap in range(lo // n, (hi - 1) // n + 1 if hi > lo else lo // n):
+            x, y = max(lo, lap * n) - lap * n, min(hi, (lap + 1) * n) - lap * n  # inside [0, n)
+            pos = 0
+            for a, b in blocks:
+                s0, s1 = max(x, pos), min(y, pos + b - a)
+                if s0 < s1:
+                    out.append((a + s0 - pos, a + s1 - pos))
+                pos += b - a
+        return out
+
+    def _read(self, ranges: list[tuple[int, int]], cols: list[str]) -> Iterator[Any]:
+        """pa.Tables of the rows in ``ranges``, with the global row index in ``_ROW``."""
+        import pyarrow as pa
+
+        sp = self.split
+        real = hasattr(sp, "_file") and hasattr(sp, "_starts")
+        whole = None if real else sp.table(columns=cols)
+        for a, b in ranges:
+            if real:
+                parts = []
+                i = a
+                while i < b:
+                    k, g, off = sp._locate(i)
+                    rg = sp._rg_starts[k]
+                    take = min(b - i, rg[g + 1] - rg[g] - off)
+                    parts.append(sp._file(k).read_row_group(g, columns=cols).slice(off, take))
+                    i += take
+                t = parts[0] if len(parts) == 1 else pa.concat_tables(parts)
+            else:
+                t = whole.slice(a, b - a)
+            yield t.append_column(_ROW, pa.array(range(a, b), pa.int64()))
+
+    def _rows(self, tables: Iterator[Any], me: int) -> Iterator[Any]:
+        """Tables of ``read_batch_size`` rows, through the shuffle buffer when there is one."""
+        import pyarrow as pa
+
+        size = self.read_batch_size
+        if self.shuffle_buffer <= 0:
+            pending: list[Any] = []
+            have = 0
+            for t in tables:
+                pending.append(t)
+                have += t.num_rows
+                while have >= size:
+                    cat = pa.concat_tables(pending)
+                    yield cat.slice(0, size)
+                    rest = cat.slice(size)
+                    pending, have = ([rest] if rest.num_rows else []), rest.num_rows
+            if have:
+                yield pa.concat_tables(pending)
+            return
+        rng = random.Random(f"lora-zoo/stream/{self.seed}/{self.epoch}/{me}")
+        buf: list[Any] = []  # one-row slices (zero-copy references into the read tables)
+
+        def draw(k: int) -> Any:
+            out = []
+            for _ in range(k):
+                j = rng.randrange(len(buf))
+                buf[j], buf[-1] = buf[-1], buf[j]
+                out.append(buf.pop())
+            return pa.concat_tables(out)
+
+        for t in tables:
+            buf += [t.slice(j, 1) for j in range(t.num_rows)]
+            while len(buf) >= self.shuffle_buffer + size:
+                yield draw(size)
+        while buf:
+            yield draw(min(size, len(buf)))
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        me, shards = self._shard()
+        rank, world, wid, nw = self._shard()
         cols = [
             "lora_id",
             "weights",
             "adapter_config",
-            *(c for c in self.labels if c not in ("lora_id", "adapter_config")),
+            "base_model",
+            *(c for c in self.labels if c not in ("lora_id", "adapter_config", "base_model")),
         ]
-        offset = 0
-        for k, batch in enumerate(
-            self.split.iter_batches(columns=cols, batch_size=self.read_batch_size)
-        ):
-            n = batch.num_rows
-            if k % shards == me and n:
-                yield from self._process(batch, offset)
-            offset += n
+        ranges = self._ranges(rank, world, wid, nw)
+        for t in self._rows(self._read(ranges, cols), rank * nw + wid):
+            if t.num_rows:
+                yield from self._process(t.combine_chunks().to_batches()[0])
 
-    def _process(self, batch: Any, offset: int) -> Iterator[dict[str, Any]]:
+    def _process(self, batch: Any) -> Iterator[dict[str, Any]]:
         ids = batch.column("lora_id").to_pylist()
+        rows_idx = batch.column(_ROW).to_numpy()  # (b,) global row index
+        base = batch.column("base_model").to_pylist()
         labels = {} if self.batch_size else {c: batch.column(c).to_pylist() for c in self.labels}
         groups = decode_weight_batch(
             batch.column("weights"),
@@ -329,16 +507,24 @@ class LoraIterableDataset(_ZooViews, IterableDataset):
             select=self._select,
             consume=True,  # the batch is ours: fold the scale in place, no copy
         )
-        viewed = [(rows, self._views(fac, offset + rows)) for rows, fac in groups]
+        viewed = [(rows, self._views(fac, rows_idx[rows])) for rows, fac in groups]
         if self.batch_size is None:
             items = [
-                it for rows, vw in viewed for it in _items(vw, rows, ids, offset + rows, labels)
+                it
+                for rows, vw in viewed
+                for it in _items(vw, rows, ids, rows_idx[rows], labels, base)
             ]
-            yield from sorted(items, key=lambda it: it["index"])
+            order = {int(r): j for j, r in enumerate(rows_idx)}
+            yield from sorted(items, key=lambda it: order[it["index"]])
             return
+        modules, info = _merge(viewed, len(ids), self.where)
+        labs, masks = _arrow_labels(batch, self.labels)
         yield {
             "lora_id": ids,
-            "index": torch.arange(offset, offset + len(ids)),
-            "modules": _merge(viewed, len(ids), self.where),
-            "labels": _arrow_labels(batch, self.labels),
+            "index": torch.from_numpy(rows_idx.astype("int64")),
+            "base_model": base,
+            "modules": modules,
+            "module_info": info,
+            "labels": labs,
+            "label_mask": masks,
         }

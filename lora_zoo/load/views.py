@@ -17,6 +17,12 @@ invariance / equivariance property test in ``tests/unit/load/test_views.py``::
 
 Views accept leading batch dims so the streaming loader can run one batched LAPACK call per
 module for a whole record batch; ``ctx.indices`` then holds one LoRA index per batch row.
+
+Device: a view computes where its input factors are (the datasets' ``device=`` moves them
+first), so QR / SVD / GEMMs run on the GPU when asked; random draws (``gl_augment``) stay on
+the CPU generator so R is the same on every device. No view touches torch's global thread
+count: the CPU math runs under ``threads.single_threaded``, which only changes the calling
+thread's OpenMP setting.
 """
 
 from __future__ import annotations
@@ -136,6 +142,7 @@ def aligned_view(u: torch.Tensor, v: torch.Tensor, ctx: ViewContext) -> dict[str
     if ctx.template is None:
         raise SelectionError("view 'aligned' needs a template (template_id=...)", key=ctx.module)
     u_t, v_t = ctx.template  # (n, r_t), (m, r_t)
+    u_t, v_t = u_t.to(u.device), v_t.to(u.device)
     if u_t.shape[-2] != u.shape[-2] or v_t.shape[-2] != v.shape[-2]:
         raise SelectionError(
             f"template module has shape U {tuple(u_t.shape)}, V {tuple(v_t.shape)}; this LoRA "
@@ -176,6 +183,8 @@ def gl_augment_view(u: torch.Tensor, v: torch.Tensor, ctx: ViewContext) -> dict[
         rits.append(rit)
     r_mat = torch.stack(rs) if batched else rs[0]  # (b, r, r) or (r, r)
     r_inv_t = torch.stack(rits) if batched else rits[0]
+    # drawn on the CPU (the same R on any device), applied where the factors are
+    r_mat, r_inv_t = r_mat.to(u.device), r_inv_t.to(u.device)
     ua, va = symmetry.apply_gl(u, v, r_mat, r_inv_t)
     return {"U": _out(ua, ctx, u.dtype), "V": _out(va, ctx, v.dtype)}
 

@@ -3,10 +3,12 @@ its weights carry what each LoRA was trained on.
 
 Why this is the README's main job: it touches every layer a LoL user needs (recipe -> batched
 builder -> zoo on disk -> ``load_zoo`` -> ``LoraDataset`` view -> a probe) in a few minutes on a
-laptop CPU, offline, and ends with a number that can fail: a logistic-regression probe on the
-``svals`` view must predict "group g was in this LoRA's training data" better than the
-majority-class rate. If the zoo's labels or the loaders were broken, the probe would sit at
-chance.
+laptop CPU, offline, and ends with numbers that can fail: the LoL benchmark (``lol.bench``, a
+small default model set: baseline, raw-factor MLP, svals MLP, GL-net, module transformer) must
+predict "group g was in this LoRA's training data" (``in_group.*``) on the zoo's test split
+better than the majority class. If the zoo's labels or the loaders were broken, every model
+would sit at chance. (``svals_features`` + the logistic probe in ``lol.probe`` stay as the
+simplest check.)
 """
 
 from __future__ import annotations
@@ -33,12 +35,30 @@ def quickstart_recipe_path() -> Path:
     return Path(str(ref))
 
 
+DEMO_MODELS = ("baseline", "mlp", "glnet", "transformer")
+DEMO_VIEWS = ("factors", "svals")
+DEMO_REPEATS = 2
+
+
 @dataclass
 class DemoResult:
     zoo: Path
     num_loras: int
     results: list[ProbeResult]
     built: bool  # False when an existing finished zoo was reused
+    bench: dict | None = None  # lol.bench.run_bench output (``bench/results.json``)
+
+    def bench_table(self) -> str:
+        from lora_zoo.lol.bench import format_table
+
+        return format_table(self.bench) if self.bench else ""
+
+    def auroc(self, model: str, view: str) -> float:
+        """Mean test AUROC of one bench run (NaN when it did not run)."""
+        for r in (self.bench or {}).get("runs", []):
+            if (r["model"], r["view"]) == (model, view):
+                return float(r["summary"]["auroc"]["mean"])
+        return float("nan")
 
     @property
     def mean_accuracy(self) -> float:
@@ -101,6 +121,8 @@ def run_demo(
     recipe: str | os.PathLike[str] | None = None,
     progress: bool = True,
     folds: int = 5,
+    probe: bool = False,
+    repeats: int = DEMO_REPEATS,
 ) -> DemoResult:
     """Build (or reuse) the quickstart zoo in ``out``, then probe it. Re-running resumes an
     interrupted build and reuses a finished one (the runner's work dir makes this exact)."""
@@ -121,6 +143,19 @@ def run_demo(
         built = True
     else:
         logger.info("reusing the finished zoo in %s", out_path)
-    x, members, groups = svals_features(out_path)
-    results = membership_probe(x, members, groups, folds=folds, seed=0)
-    return DemoResult(out_path, len(x), results, built)
+    from lora_zoo.lol.bench import run_bench
+
+    results: list[ProbeResult] = []
+    if probe:
+        x, members, groups = svals_features(out_path)
+        results = membership_probe(x, members, groups, folds=folds, seed=0)
+    bench = run_bench(
+        out_path,
+        "in_group.*",
+        models=DEMO_MODELS,
+        views=DEMO_VIEWS,
+        repeats=repeats,
+        progress=progress,
+    )
+    n = bench["n"]["fit"] + bench["n"]["valid"] + bench["n"]["test"]
+    return DemoResult(out_path, n, results, built, bench)

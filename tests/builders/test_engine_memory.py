@@ -1,6 +1,6 @@
 """The memory estimate (lora_zoo/engine/memory.py) against what the CPU allocator really held.
 
-Measured in a fresh subprocess per K: the peak resident set (``ru_maxrss``) during one
+Measured in a fresh subprocess per K: the peak resident set (``VmHWM``, reset just before) during one
 training step minus the resident set just before it. ``MALLOC_MMAP_THRESHOLD_`` pins glibc's
 mmap threshold (64 KiB) so every tensor of the pass is its own mapping, returned to the OS on
 free: the resident set then follows live tensor memory instead of a heap high-water mark.
@@ -51,11 +51,17 @@ est = memory.MemoryEstimate(est.k, est.rows, est.base, est.lora_state,
 for p in mm.parameters():
     p.grad = None
 trainer = MultiLoraTrainer(mm, [TrainHParams(lr=1e-3, total_steps=5) for _ in range(k)])
-page = os.sysconf("SC_PAGE_SIZE")
-with open("/proc/self/statm") as f:
-    before = int(f.read().split()[1]) * page
+def status(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+
+# reset the peak (VmHWM) to the current RSS, so the peak is the training step's alone and not
+# whatever imports or the estimate's own probe reached before (Linux >= 4.0)
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+before = status("VmRSS:")
 trainer.step(lambda: causal_lm_losses(model(input_ids=ids).logits, ids, k))
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = status("VmHWM:")
 print(json.dumps({"est": est.total - est.base, "measured": peak - before,
                   "per_row": est.per_row, "base": est.base}))
 """

@@ -152,3 +152,21 @@ def test_custom_template_and_missing_template(zoo_dir, tmp_path):
     assert card_header(load_zoo(zoo_dir))["configs"] == _header(text)["configs"]
     with pytest.raises(ZooFormatError, match="nope.j2"):
         render_card(zoo_dir, template=tmp_path / "nope.j2")
+
+
+def test_card_shows_bench_results_when_they_exist(tmp_path):
+    """After ``lora-zoo bench``, the card has a results table (model, view, symmetry, metrics,
+    vs baseline) and a figure."""
+    from lora_zoo.cards import write_card
+    from lora_zoo.lol.bench import run_bench
+    from tests.fixtures.zoos import make_zoo
+
+    root = make_zoo(tmp_path / "z", n=24, splits={"train": 0.7, "test": 0.3})
+    res = run_bench(root, "eval_loss", models=["baseline", "mlp"], views=["svals"], repeats=1,
+                    progress=False)  # fmt: skip
+    assert (root / "bench" / "results.json").exists()
+    text = write_card(root).read_text()
+    assert "## What can be learned from it" in text and "`lora-zoo bench` on target" in text
+    for r in res["runs"]:
+        assert f"| {r['model']} | {r['view']} |" in text
+    assert (root / "plots" / "bench.png").exists() and "plots/bench.png" in text

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 import lora_zoo.load.decode as decode_mod
 from lora_zoo.errors import CorruptFileError, NonFiniteError, SelectionError
-from lora_zoo.load.collate import collate_loras, labels_to_batch
+from lora_zoo.load.collate import collate_loras, label_masks, labels_to_batch
 from lora_zoo.load.datasets import LoraDataset, LoraIterableDataset, select_modules
 from lora_zoo.load.decode import decode_weight_batch
 from lora_zoo.load.views import ViewContext, apply_view
@@ -446,7 +446,7 @@ def test_fp16_zoo_kept_unless_dtype_given(tmp_path):
             t.dtype == torch.float16
             for m in b["modules"].values()
             for k, t in m.items()
-            if k != "mask"
+            if k not in ("mask", "present")
         )
     b = next(iter(LoraIterableDataset(sp, "svals", batch_size=3, dtype=torch.float32)))
     s = b["modules"]["model.layers.0.self_attn.q_proj"]["S"]
@@ -471,7 +471,16 @@ def test_labels_to_batch_types():
     )
     assert out["b"].dtype == torch.bool and out["i"].dtype == torch.int64
     assert out["f"].dtype == torch.float32 and out["l"].shape == (2, 2)
-    assert out["s"] == ["a", "b"] and out["n"] == [1.0, None] and out["ragged"] == [[1], [1, 2]]
+    assert out["s"] == ["a", "b"]  # strings: the only labels that stay lists
+    # missing values: float tensors with NaN there, never a Python list, plus a mask
+    assert out["n"].dtype == torch.float32 and out["n"][0] == 1.0 and torch.isnan(out["n"][1])
+    assert out["ragged"].shape == (2, 2) and torch.isnan(out["ragged"][0, 1])
+    masks = label_masks({"n": [1.0, None], "ragged": [[1], [1, 2]], "bn": [True, None]})
+    assert masks["n"].tolist() == [True, False]
+    assert masks["ragged"].tolist() == [[True, False], [True, True]]
+    bn = labels_to_batch({"bn": [True, None], "in": [3, None], "ln": [[1.0], None]})
+    assert bn["bn"].dtype == torch.float32 and bn["bn"][0] == 1.0 and torch.isnan(bn["bn"][1])
+    assert bn["in"][0] == 3.0 and torch.isnan(bn["in"][1]) and bn["ln"].shape == (2, 1)
 
 
 @pytest.fixture(scope="module")
@@ -550,14 +559,18 @@ def test_arrow_labels_match_labels_to_batch():
             "l": pa.array([[1, 2], [3, 4], [5, 6]]),
         }
     )
-    fast = _arrow_labels(batch, batch.schema.names)
-    slow = labels_to_batch({c: batch.column(c).to_pylist() for c in batch.schema.names})
-    assert list(fast) == list(slow)
+    fast, fast_masks = _arrow_labels(batch, batch.schema.names)
+    cols = {c: batch.column(c).to_pylist() for c in batch.schema.names}
+    slow, slow_masks = labels_to_batch(cols), label_masks(cols)
+    assert list(fast) == list(slow) and list(fast_masks) == list(slow_masks)
     for c, want in slow.items():
         if isinstance(want, torch.Tensor):
-            assert fast[c].dtype == want.dtype and torch.equal(fast[c], want), c
+            assert fast[c].dtype == want.dtype, c
+            torch.testing.assert_close(fast[c], want, rtol=0, atol=0, equal_nan=True)
+            assert torch.equal(fast_masks[c], slow_masks[c]), c
         else:
             assert fast[c] == want, c
+    assert fast_masks["null"].tolist() == [True, False, True] and "s" not in fast_masks
 
 
 def _reordered_header(data: bytes) -> bytes:
@@ -601,3 +614,70 @@ def test_parsed_headers_cached_across_batches(monkeypatch):
     for _ in range(2):
         with pytest.raises(CorruptFileError, match="zoo:x: .*adapter config is not JSON"):
             decode_weight_batch(bad_cfg, ["{not json", "{not json"], ids=["x", "y"])
+
+
+def test_streaming_splits_evenly_over_ranks_and_workers(real_zoo):
+    """Same row count per rank (wrap-around padding like DistributedSampler), a disjoint even
+    cut over workers inside a rank, and each shard reads only its own row groups."""
+    ds = LoraIterableDataset(real_zoo, "svals", batch_size=2)
+    n = len(ds.split)  # 9 rows, shards of 5 rows
+    for world in (1, 2, 4):
+        per_rank = [sum((ds.rows_for(r, world, w, 2) for w in range(2)), []) for r in range(world)]
+        assert {len(p) for p in per_rank} == {-(-n // world)}  # ceil(n / world) each
+        assert set().union(*map(set, per_rank)) == set(range(n))
+        for r in range(world):
+            a, b = ds.rows_for(r, world, 0, 2), ds.rows_for(r, world, 1, 2)
+            assert not set(a) & set(b) and abs(len(a) - len(b)) <= 1
+    dropped = LoraIterableDataset(real_zoo, "svals", batch_size=2, drop_last=True)
+    assert [len(dropped.rows_for(r, 2)) for r in range(2)] == [4, 4]
+    # rank 0 of 2 holds rows 0..4 = the first shard only: the second shard is never opened
+    fresh = LoraIterableDataset(real_zoo, "svals", batch_size=2)
+    fresh._blocks = lambda: [(0, 5), (5, 9)]  # row groups known without opening files
+    list(fresh._read(fresh._ranges(0, 2, 0, 1), ["lora_id"]))
+    assert set(fresh.split._files) == {0}
+
+
+def test_shuffle_buffer_is_seeded_and_complete(real_zoo):
+    def order(seed, epoch=0):
+        ds = LoraIterableDataset(real_zoo, "svals", read_batch_size=2, shuffle_buffer=4, seed=seed)
+        ds.set_epoch(epoch)
+        return [it["lora_id"] for it in ds]
+
+    a = order(1)
+    assert sorted(a) == [f"lora-{i:05d}" for i in range(9)]
+    assert order(1) == a and (order(2) != a or order(1, epoch=1) != a)
+    assert a != sorted(a)
+
+
+def test_views_keep_torch_global_thread_count():
+    """single_threaded changes only the calling thread's OpenMP setting."""
+    import threading
+
+    from lora_zoo.load.threads import single_threaded
+
+    before = torch.get_num_threads()
+    seen = {}
+
+    def other():
+        seen["other"] = torch.get_num_threads()
+
+    with single_threaded():
+        inside = torch.get_num_threads()
+        t = threading.Thread(target=other)
+        t.start()
+        t.join()
+    assert torch.get_num_threads() == before
+    assert seen["other"] == before  # a thread started meanwhile is not affected
+    if before > 1:
+        assert inside == 1
+
+
+def test_device_cuda_refused_cleanly_without_cuda(split):
+    from lora_zoo.errors import DeviceUnavailableError
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: covered by the device run")
+    with pytest.raises(DeviceUnavailableError, match="CUDA"):
+        LoraDataset(split, "svals", device="cuda")
+    b = next(iter(LoraIterableDataset(split, "svals", batch_size=3, device="cpu")))
+    assert b["modules"]["model.layers.0.self_attn.q_proj"]["S"].device.type == "cpu"

@@ -1,0 +1,71 @@
+"""CLI verb group ``lol``: ``lora-zoo bench ZOO --target COLUMN_OR_GLOB``, the reference LoL
+models (``lora_zoo.lol.models``) trained on the zoo's train split and tested on its test split.
+
+Why a verb: the first question about a new zoo is "can a model learn the labels from the
+weights, and does respecting the GL(r) symmetry help?"; this answers it in one command, stores
+the table in the zoo (``bench/results.json``) and ``lora-zoo card`` shows it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("bench", help="train and test the reference LoL models on a zoo's labels")
+    p.add_argument("zoo", help="zoo folder, Hub id or URL")
+    p.add_argument(
+        "--target", required=True, nargs="+", help="label column(s) or globs, e.g. 'in_group.*'"
+    )
+    p.add_argument("--models", nargs="+", help="subset of: baseline mlp glnet transformer")
+    p.add_argument(
+        "--views", nargs="+", help="views for the MLP: factors dense svals canonical aligned"
+    )
+    p.add_argument("--repeats", type=int, default=3, help="seeds per model (mean ± std)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument(
+        "--gl-augment",
+        action="store_true",
+        help="also run the non-invariant models with GL(r) augmentation",
+    )
+    p.add_argument(
+        "--epochs", type=int, default=300, help="maximum epochs (early stopping on validation)"
+    )
+    p.add_argument("--patience", type=int, default=30)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument(
+        "--hparams", help='JSON {model: {hparam: value}}, e.g. \'{"glnet": {"width": 16}}\''
+    )
+    p.add_argument("--json", dest="json_path", help="also write the results here")
+    p.add_argument(
+        "--no-write", action="store_true", help="do not write bench/results.json into the zoo"
+    )
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from lora_zoo.lol.bench import TrainConfig, format_table, run_bench
+
+    res = run_bench(
+        args.zoo,
+        args.target if len(args.target) > 1 else args.target[0],
+        models=args.models,
+        views=args.views,
+        repeats=args.repeats,
+        device=args.device,
+        gl_augment=args.gl_augment,
+        train=TrainConfig(lr=args.lr, max_epochs=args.epochs, patience=args.patience),
+        hparams=json.loads(args.hparams) if args.hparams else None,
+        json_path=args.json_path,
+        write=not args.no_write,
+        progress=not args.no_progress,
+    )
+    print(format_table(res))
+    print(
+        f"\n{res['time_s']:.0f} s on {res['device']}"
+        + (f"; results in {res['written']}" if "written" in res else "")
+    )
+    return 0

@@ -1,0 +1,473 @@
+"""Reference LoL models: what the LoL papers (arXiv 2410.04207, "Learning on LoRAs: GL-Equivariant
+Processing of Low-Rank Weight Spaces", and its expanded version "GL Equivariant Metanetworks")
+compare, written from their descriptions, small enough to train on a CPU in seconds.
+
+Why these: a LoRA module is ΔW = U V^T with U (n, r), V (m, r), and (U R, V R^-T) is the same
+ΔW for every R in GL(r). A model on raw factors must learn that symmetry from data; the others
+remove it (svals, canonical form, dense ΔW), reduce it (O-Align: only O(r)), or respect it by
+construction (GL-net). Each class states its symmetry; ``tests/unit/lol/test_models.py`` checks
+it with random, badly conditioned R per module.
+
+Every model reads a collated batch's ``modules`` (``{name: {"U", "V" | "S" | "W", "mask",
+"present"}}``, from ``lora_zoo.load``) for a fixed list of ``ModuleSpec`` (the zoo's module union,
+in ``natural_key`` order) and returns (b, out) predictions. ``calibrate(modules)`` fits the
+fixed input scalings on training data (a per-feature standardisation or a per-module scale,
+always a function of what the model already sees, so it keeps the model's symmetry).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lora_zoo.errors import SelectionError
+from lora_zoo.load import symmetry
+
+Modules = dict[str, dict[str, torch.Tensor]]
+DENSE_MAX = 1 << 22  # total n*m over the selected modules the dense MLP accepts (4M inputs)
+
+
+@dataclass(frozen=True)
+class ModuleSpec:
+    """One module slot of a model (from a batch's ``module_info`` and its widest rank)."""
+
+    name: str
+    out_features: int  # n (U rows)
+    in_features: int  # m (V rows)
+    rank: int  # widest rank in the zoo (narrower LoRAs are zero-padded: exact)
+    type: str = ""
+    layer: int = -1
+
+
+def specs_from_batch(batch: dict[str, Any]) -> list[ModuleSpec]:
+    """ModuleSpecs of a collated batch (its module union, in the batch's order)."""
+    out = []
+    for name, mod in batch["modules"].items():
+        info = batch["module_info"][name]
+        r = next((int(mod[k].shape[-1]) for k in ("U", "S") if k in mod), 0)
+        out.append(
+            ModuleSpec(
+                name, info["out_features"], info["in_features"], r, info["type"], info["layer"]
+            )
+        )
+    return out
+
+
+def _pad(x: torch.Tensor, r: int) -> torch.Tensor:
+    """Zero-pad (or keep) the rank (last) axis to r: exact under the symmetry."""
+    if x.shape[-1] > r:
+        raise ValueError(f"rank {x.shape[-1]} exceeds the model's {r}")
+    return nn.functional.pad(x, (0, r - x.shape[-1])) if x.shape[-1] < r else x
+
+
+def mlp(d_in: int, hidden: int, d_out: int, depth: int = 2, dropout: float = 0.0) -> nn.Sequential:
+    """Linear -> LayerNorm -> ReLU blocks, then a linear read-out (the papers' MLP head)."""
+    layers: list[nn.Module] = []
+    d = d_in
+    for _ in range(depth):
+        layers += [nn.Linear(d, hidden), nn.LayerNorm(hidden), nn.ReLU()]
+        if dropout:
+            layers.append(nn.Dropout(dropout))
+        d = hidden
+    layers.append(nn.Linear(d, d_out))
+    return nn.Sequential(*layers)
+
+
+class LolModel(nn.Module):
+    """Base: a fixed module list, the view the model reads, its symmetry, calibration."""
+
+    view: str = "factors"
+    invariance: str = "none"  # "none" | "O(r)" | "GL(r)"
+
+    def __init__(self, specs: Sequence[ModuleSpec]) -> None:
+        super().__init__()
+        self.specs = list(specs)
+        if not self.specs:
+            raise SelectionError("a LoL model needs at least one module", key="modules")
+
+    def _present(self, modules: Modules, b: int, device: torch.device) -> torch.Tensor:
+        """(b, M) float: 1 where the LoRA adapts module k (all 1 for a module-uniform zoo)."""
+        cols = []
+        for s in self.specs:
+            p = modules.get(s.name, {}).get("present")
+            cols.append(torch.ones(b, device=device) if p is None else p.to(device).float())
+        return torch.stack(cols, 1)
+
+    @torch.no_grad()
+    def calibrate(self, modules: Modules) -> None:  # pragma: no cover - overridden
+        pass
+
+
+# ---- MLPs on flat features ---------------------------------------------------------------------
+class FlatMLP(LolModel):
+    """MLP on one flat vector per LoRA built from a view, standardised per feature.
+
+    ``view="factors"``: raw U, V of every module, flattened and concatenated. **Not invariant**:
+    (U R, V R^-T) is a different input for the same ΔW (a test shows the output moves), so it has
+    to learn the symmetry from data (``augment`` in the bench draws a random R per LoRA, module
+    and epoch). ``"canonical"``: the GL-canonical form (balanced SVD + sign rule,
+    ``symmetry.canonical``): **GL(r)-invariant** (up to ties in the singular values).
+    ``"svals"``: singular values of each ΔW: **GL(r)-invariant** (hence O(r)-invariant).
+    ``"dense"``: ΔW itself: **GL(r)-invariant**, but n*m inputs per module, so it refuses zoos
+    whose modules total more than ``DENSE_MAX`` entries. The per-feature standardisation is a
+    fixed affine map of the view, so it keeps the view's symmetry.
+    """
+
+    def __init__(
+        self,
+        specs: Sequence[ModuleSpec],
+        out_dim: int,
+        *,
+        view: str = "factors",
+        hidden: int | None = None,
+        depth: int = 2,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__(specs)
+        self.view = view
+        hidden = hidden or (32 if view == "dense" else 128)  # dense: d_in is n*m per module
+        self.invariance = {"factors": "none", "aligned": "O(r)"}.get(view, "GL(r)")
+        if view == "dense":
+            total = sum(s.out_features * s.in_features for s in self.specs)
+            if total > DENSE_MAX:
+                raise SelectionError(
+                    f"dense ΔW of the selected modules is {total:,} numbers per LoRA (limit "
+                    f"{DENSE_MAX:,}); select fewer modules or use the svals / canonical view",
+                    key="view",
+                )
+        d = sum(self._width(s) for s in self.specs) + len(self.specs)
+        self.register_buffer("mu", torch.zeros(d))
+        self.register_buffer("sd", torch.ones(d))
+        self.net = mlp(d, hidden, out_dim, depth, dropout)
+
+    def _width(self, s: ModuleSpec) -> int:
+        if self.view == "dense":
+            return s.out_features * s.in_features
+        if self.view == "svals":
+            return s.rank
+        return (s.out_features + s.in_features) * s.rank
+
+    def features(self, modules: Modules) -> torch.Tensor:
+        """(b, d): the view of every module, flattened, then the ``present`` flags."""
+        parts = []
+        some = next(iter(modules.values()))
+        some_t = next(t for k, t in some.items() if k not in ("mask", "present"))
+        b, dev = some_t.shape[0], some_t.device
+        for s in self.specs:
+            mod = modules.get(s.name)
+            if mod is None:  # a module no LoRA of this batch adapts: zeros (exact, see collate)
+                parts.append(torch.zeros(b, self._width(s), device=dev, dtype=some_t.dtype))
+            elif self.view == "dense":
+                parts.append(mod["W"].reshape(b, -1))  # (b, n*m)
+            elif self.view == "svals":
+                parts.append(_pad(mod["S"], s.rank))  # (b, r)
+            else:
+                u, v = _pad(mod["U"], s.rank), _pad(mod["V"], s.rank)  # (b, n, r), (b, m, r)
+                parts += [u.reshape(b, -1), v.reshape(b, -1)]
+        parts.append(self._present(modules, b, dev).to(some_t.dtype))
+        return torch.cat(parts, 1)
+
+    @torch.no_grad()
+    def calibrate(self, modules: Modules) -> None:
+        x = self.features(modules).to(self.mu.dtype)
+        self.mu.copy_(x.mean(0))
+        self.sd.copy_(x.std(0).nan_to_num(1.0).clamp_min(1e-12 + 1e-6 * float(x.std(0).max())))
+
+    def forward(self, modules: Modules) -> torch.Tensor:
+        x = self.features(modules).to(self.mu.dtype)
+        return self.net((x - self.mu) / self.sd)
+
+
+class OAlignMLP(FlatMLP):
+    """O-Align: rotate each module's factors by the orthogonal Q that best maps them onto a
+    template LoRA's (joint Procrustes, ``symmetry.align``), then the raw-factor MLP.
+
+    **O(r)-invariant only** (for orthogonal R0, align(U R0, V R0) == align(U, V) when the
+    Procrustes problem has a unique solution); a general R in GL(r) changes U^T U, which no
+    rotation undoes, so the output moves under GL(r) (a test shows both). The template (the
+    first training LoRA by default) is stored in the model; a module the template lacks is
+    not rotated."""
+
+    def __init__(self, specs: Sequence[ModuleSpec], out_dim: int, **kw: Any) -> None:
+        kw.pop("view", None)
+        super().__init__(specs, out_dim, view="aligned", **kw)
+        self.invariance = "O(r)"
+        self.template: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def set_template(self, modules: Modules, row: int = 0) -> None:
+        self.template = {}
+        for s in self.specs:
+            mod = modules.get(s.name)
+            if mod is not None and bool(mod["present"][row]):
+                self.template[s.name] = (
+                    _pad(mod["U"][row], s.rank).detach().clone(),
+                    _pad(mod["V"][row], s.rank).detach().clone(),
+                )
+
+    def aligned(self, modules: Modules) -> Modules:
+        out: Modules = {}
+        for s in self.specs:
+            mod = modules.get(s.name)
+            if mod is None:
+                continue
+            u, v = _pad(mod["U"], s.rank), _pad(mod["V"], s.rank)
+            if s.name in self.template:
+                ut, vt = (t.to(u.device, u.dtype) for t in self.template[s.name])
+                u, v = symmetry.align(u, v, ut, vt)
+            out[s.name] = {**mod, "U": u, "V": v}
+        return out
+
+    def features(self, modules: Modules) -> torch.Tensor:
+        return super().features(self.aligned(modules))
+
+    @torch.no_grad()
+    def calibrate(self, modules: Modules) -> None:
+        if not self.template:
+            self.set_template(modules)
+        super().calibrate(modules)
+
+
+# ---- GL-net --------------------------------------------------------------------------------------
+class GLLinear(nn.Module):
+    """GL(r)-equivariant linear layer for one module: U -> W_u U, V -> W_v V.
+
+    Mixing rows commutes with the right action: W_u (U R) = (W_u U) R and
+    W_v (V R^-T) = (W_v V) R^-T. No bias (adding b 1^T to U would not commute with R)."""
+
+    def __init__(self, n_in: int, m_in: int, n_out: int, m_out: int) -> None:
+        super().__init__()
+        self.wu = nn.Parameter(torch.randn(n_out, n_in) / math.sqrt(n_in))
+        self.wv = nn.Parameter(torch.randn(m_out, m_in) / math.sqrt(m_in))
+
+    def forward(self, u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.wu @ u, self.wv @ v  # (b, n_out, r), (b, m_out, r)
+
+
+def gl_gate(u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """GL(r)-invariant nonlinearity: scale row i of U by sigmoid(s_i / rms(s)), s = U V^T 1 (the
+    row sums of ΔW = U V^T), and row j of V by the same of t = V U^T 1 (the column sums).
+
+    s and t are functions of ΔW only, so the gates are invariant and gating rows commutes with
+    the right action: the layer stays equivariant. A smooth version of gating by sign(s_i);
+    dividing by rms(s) (also invariant) makes it independent of ΔW's overall scale."""
+    s = u @ v.sum(-2, keepdim=True).transpose(-1, -2)  # (b, n, 1) = U (V^T 1)
+    t = v @ u.sum(-2, keepdim=True).transpose(-1, -2)  # (b, m, 1) = V (U^T 1)
+
+    def gate(x: torch.Tensor) -> torch.Tensor:
+        # + tiny inside the root: an absent module (all zeros) gets gate 1/2 and finite grads
+        rms = (x.pow(2).mean(-2, keepdim=True) + torch.finfo(x.dtype).tiny).sqrt()
+        return torch.sigmoid(x / rms)
+
+    return u * gate(s), v * gate(t)
+
+
+class GLNet(LolModel):
+    """GL-net: per module, stacked GL-equivariant linear layers (``GLLinear``) with the
+    invariant gate (``gl_gate``) between them, then the invariant products U_L V_L^T
+    (h x h per module, = W_u ... ΔW ... W_v^T gated) concatenated across modules and an MLP.
+
+    **GL(r)-invariant** by construction (each stage commutes with (U R, V R^-T) and the head
+    only sees U_L V_L^T). Absent modules are zero factors: their products are zero.
+    ``calibrate`` sets a per-module scale so the products have unit RMS on training data
+    (computed from the invariant products, so the scale is invariant too)."""
+
+    view = "factors"
+    invariance = "GL(r)"
+
+    def __init__(
+        self,
+        specs: Sequence[ModuleSpec],
+        out_dim: int,
+        *,
+        width: int = 8,
+        layers: int = 2,
+        hidden: int = 128,
+        depth: int = 2,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__(specs)
+        self.blocks = nn.ModuleList()
+        for s in self.specs:
+            dims_n = [s.out_features] + [width] * layers
+            dims_m = [s.in_features] + [width] * layers
+            self.blocks.append(
+                nn.ModuleList(
+                    GLLinear(dims_n[i], dims_m[i], dims_n[i + 1], dims_m[i + 1])
+                    for i in range(layers)
+                )
+            )
+        self.register_buffer("scale", torch.ones(len(self.specs)))
+        self.width = width
+        self.head = mlp(len(self.specs) * (width * width + 1), hidden, out_dim, depth, dropout)
+
+    def products(self, modules: Modules) -> torch.Tensor:
+        """(b, M, h*h): U_L V_L^T of every module, unscaled."""
+        outs = []
+        some = next(iter(modules.values()))["U"]
+        for s, block in zip(self.specs, self.blocks):
+            mod = modules.get(s.name)
+            if mod is None:  # no LoRA of this batch adapts it: zero factors, zero products
+                outs.append(some.new_zeros(some.shape[0], self.width**2, dtype=self.scale.dtype))
+                continue
+            u, v = mod["U"].to(self.scale.dtype), mod["V"].to(self.scale.dtype)  # (b, n|m, r)
+            for k, layer in enumerate(block):
+                u, v = layer(u, v)
+                if k < len(block) - 1:
+                    u, v = gl_gate(u, v)
+            outs.append((u @ v.transpose(-1, -2)).flatten(1))  # (b, h*h)
+        return torch.stack(outs, 1)
+
+    @torch.no_grad()
+    def calibrate(self, modules: Modules) -> None:
+        p = self.products(modules)  # (b, M, h*h)
+        rms = p.pow(2).mean((0, 2)).sqrt()  # (M,)
+        self.scale.copy_(torch.where(rms > 0, 1 / rms.clamp_min(1e-30), torch.ones_like(rms)))
+
+    def features(self, modules: Modules) -> torch.Tensor:
+        p = self.products(modules) * self.scale[None, :, None]  # (b, M, h*h)
+        b = p.shape[0]
+        pres = self._present(modules, b, p.device).to(p.dtype)[..., None]  # (b, M, 1)
+        return torch.cat([p, pres], -1).flatten(1)  # (b, M*(h*h+1))
+
+    def forward(self, modules: Modules) -> torch.Tensor:
+        return self.head(self.features(modules))
+
+
+# ---- transformer over module tokens ---------------------------------------------------------------
+class ModuleTransformer(LolModel):
+    """A transformer over one token per module, built from invariant per-module features: the
+    module's singular values (``svals`` view, standardised per module slot),
+    its log Frobenius norm, plus learned embeddings of its type (``q_proj``, ``to_v``, ...) and
+    layer index; absent modules are masked out of attention and of the mean pool.
+
+    **GL(r)-invariant**: the tokens are functions of ΔW only; the embeddings depend on the
+    module slot, not on the factors."""
+
+    view = "svals"
+    invariance = "GL(r)"
+
+    def __init__(
+        self,
+        specs: Sequence[ModuleSpec],
+        out_dim: int,
+        *,
+        d_model: int = 64,
+        heads: int = 4,
+        layers: int = 2,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__(specs)
+        self.r = max(s.rank for s in self.specs)
+        types = sorted({s.type for s in self.specs})
+        self.type_index = {t: i for i, t in enumerate(types)}
+        self.register_buffer(
+            "slot_type", torch.tensor([self.type_index[s.type] for s in self.specs])
+        )
+        self.register_buffer("slot_layer", torch.tensor([max(s.layer, -1) + 1 for s in self.specs]))
+        self.register_buffer("mu", torch.zeros(len(self.specs), self.r + 1))
+        self.register_buffer("sd", torch.ones(len(self.specs), self.r + 1))
+        self.inp = nn.Linear(self.r + 1, d_model)
+        self.type_emb = nn.Embedding(len(types), d_model)
+        self.layer_emb = nn.Embedding(int(self.slot_layer.max()) + 1, d_model)
+        self.slot_emb = nn.Embedding(len(self.specs), d_model)
+        enc = nn.TransformerEncoderLayer(
+            d_model, heads, 2 * d_model, dropout, batch_first=True, norm_first=True
+        )
+        self.encoder = nn.TransformerEncoder(enc, layers, enable_nested_tensor=False)
+        self.out = nn.Sequential(nn.LayerNorm(d_model), nn.Linear(d_model, out_dim))
+
+    def raw_tokens(self, modules: Modules) -> tuple[torch.Tensor, torch.Tensor]:
+        """(b, M, r+1) [s_1..s_r, log ||ΔW||_F] and (b, M) present."""
+        some = next(iter(modules.values()))["S"]
+        b, dev = some.shape[0], some.device
+        toks = []
+        for s in self.specs:
+            mod = modules.get(s.name)
+            sv = (
+                _pad(mod["S"], self.r).to(self.mu.dtype)
+                if mod is not None
+                else torch.zeros(b, self.r, device=dev, dtype=self.mu.dtype)
+            )
+            fro = sv.pow(2).sum(-1, keepdim=True).sqrt()  # ||ΔW||_F = ||s||_2
+            toks.append(torch.cat([sv, torch.log(fro + 1e-12)], -1))
+        return torch.stack(toks, 1), self._present(modules, b, dev) > 0
+
+    @torch.no_grad()
+    def calibrate(self, modules: Modules) -> None:
+        x, _ = self.raw_tokens(modules)
+        self.mu.copy_(x.mean(0))
+        self.sd.copy_(x.std(0).nan_to_num(1.0).clamp_min(1e-6))
+
+    def forward(self, modules: Modules) -> torch.Tensor:
+        x, present = self.raw_tokens(modules)
+        h = self.inp((x - self.mu) / self.sd)  # (b, M, d)
+        h = (
+            h
+            + (
+                self.type_emb(self.slot_type)
+                + self.layer_emb(self.slot_layer)
+                + self.slot_emb.weight
+            )[None]
+        )
+        h = self.encoder(h, src_key_padding_mask=~present)  # (b, M, d)
+        w = present.to(h.dtype)[..., None]  # (b, M, 1)
+        pooled = (h * w).sum(1) / w.sum(1).clamp_min(1.0)  # mean over present modules
+        return self.out(pooled)
+
+
+# ---- registry --------------------------------------------------------------------------------------
+MODEL_VIEWS: dict[str, tuple[str, ...]] = {
+    "mlp": ("factors", "dense", "svals", "canonical", "aligned"),
+    "glnet": ("factors",),
+    "transformer": ("svals",),
+}
+
+
+def loader_view(model: str, view: str) -> str:
+    """The loader view a (model, view) pair reads: O-Align aligns inside the model, from
+    factors (its template is a training LoRA, which the test split does not hold)."""
+    return "factors" if (model, view) == ("mlp", "aligned") else view
+
+
+def make_model(
+    name: str, view: str, specs: Sequence[ModuleSpec], out_dim: int, **hp: Any
+) -> LolModel:
+    """Build a reference model by name; ``hp`` are its constructor hyperparameters."""
+    if name not in MODEL_VIEWS:
+        raise SelectionError(
+            f"unknown model {name!r}; available: baseline, {', '.join(MODEL_VIEWS)}", key="model"
+        )
+    if view not in MODEL_VIEWS[name]:
+        raise SelectionError(
+            f"model {name!r} reads the views {MODEL_VIEWS[name]}, not {view!r}", key="view"
+        )
+    if name == "glnet":
+        return GLNet(specs, out_dim, **hp)
+    if name == "transformer":
+        return ModuleTransformer(specs, out_dim, **hp)
+    if view == "aligned":
+        return OAlignMLP(specs, out_dim, **hp)
+    return FlatMLP(specs, out_dim, view=view, **hp)
+
+
+__all__ = [
+    "DENSE_MAX",
+    "FlatMLP",
+    "GLLinear",
+    "GLNet",
+    "LolModel",
+    "MODEL_VIEWS",
+    "ModuleSpec",
+    "ModuleTransformer",
+    "OAlignMLP",
+    "gl_gate",
+    "loader_view",
+    "make_model",
+    "mlp",
+    "specs_from_batch",
+]
