@@ -85,3 +85,46 @@ def test_everything_installed_is_pinned_in_the_lock():
         elif Version(d.version) != pins[name]:
             extra.append(f"{name}: installed {d.version}, {LOCK.name} pins {pins[name]}")
     assert not extra, "\n".join(extra)
+
+
+# imported by lora-zoo only behind an extra, each with the extra that provides it
+OPTIONAL_IMPORTS = {
+    "ray": "ray",
+    "diffusers": "diffusers",
+    "pandas": "test (ZooSplit.to_pandas, attribute tables)",
+    "skimage": "test (t2i sample images)",
+    "sklearn": "test (t2i sample images, the demo's --probe)",
+    "gguf": "smollm",
+    "PIL": "diffusers",
+    "accelerate": "test",
+}
+
+
+def test_every_library_import_is_a_core_dependency_or_a_named_extra():
+    """The README's main command installs the core dependencies only: a module the main path
+    imports that only a test extra provides passes CI and breaks on a fresh machine (it did:
+    scipy, imported by the bench metrics)."""
+    import ast
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    core = {_norm(Requirement(r).name) for r in project["dependencies"]}
+    dists = md.packages_distributions()
+    stdlib = set(sys.stdlib_module_names) | {"__future__"}
+    bad = []
+    for tree in ("lora_zoo", "cards", "builders"):
+        for f in sorted((ROOT / tree).rglob("*.py")):
+            for node in ast.walk(ast.parse(f.read_text())):
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and not node.level:
+                    names = [node.module or ""]
+                else:
+                    continue
+                for n in names:
+                    top = n.split(".")[0]
+                    if not top or top in stdlib or top == "lora_zoo" or top in OPTIONAL_IMPORTS:
+                        continue
+                    provided = {_norm(d) for d in dists.get(top, [])}
+                    if not provided & core:
+                        bad.append(f"{f.relative_to(ROOT)}: {n} (from {sorted(provided)})")
+    assert not bad, "\n".join(sorted(set(bad)))
