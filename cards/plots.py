@@ -160,7 +160,9 @@ def family_spectra(zoo: Any, max_loras: int = 64) -> dict[str, np.ndarray]:
     for s in zoo.splits:
         split = zoo[s]
         k = max(1, round(max_loras * len(split) / max(1, len(zoo))))
-        for i in _sample_rows(len(split), k):
+        # the first k rows, not k rows spread over the split: a record is read with its whole
+        # row group (up to 64 MiB), so spread samples would read (and map) most of a large zoo
+        for i in range(min(k, len(split))):
             rec = split.record(i)
             for name, mod in rec.modules.items():
                 u, v = mod.factors(fold_scale=True)  # (out, r), (in*, r)
