@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -102,18 +101,22 @@ def write_work_dir(out: Path, shapes, n: int) -> tuple[float, int]:
 
 
 def pack_child(work: Path, zoo: Path) -> tuple[float, int]:
-    """``pack`` in a child process; (seconds, peak RSS bytes of the child)."""
+    """``pack`` in a child process; (seconds, the child's own peak RSS in bytes).
+
+    The peak is read by the child itself (``VmHWM``) after packing: ``RUSAGE_CHILDREN`` would
+    also count the pages a forked child shares with this (large, by then) parent before exec."""
     code = (
         "import sys; from lora_zoo.build.pack import pack; "
-        "pack([sys.argv[1]], sys.argv[2], progress=False)"
+        "pack([sys.argv[1]], sys.argv[2], progress=False); "
+        "print(next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') "
+        "if l.startswith('VmHWM')))"
     )
     t0 = time.perf_counter()
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    subprocess.run([sys.executable, "-c", code, str(work), str(zoo)], check=True, cwd=ROOT)
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    # RUSAGE_CHILDREN keeps the max over finished children: valid when each N's pack is the
-    # largest child so far (N ascending), which --n enforces below
-    return time.perf_counter() - t0, max(peak, before) * 1024
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(work), str(zoo)],
+        check=True, cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    return time.perf_counter() - t0, int(out.stdout.strip().splitlines()[-1])
 
 
 def read_views(zoo: Path, view: str) -> float:
