@@ -313,3 +313,71 @@ def test_arc_recipe_validates_and_expands_like_the_paper():
     assert len({frozenset(j.data["groups_excluded"]) for j in jobs}) > 100
     for stream in ("init", "data", "dropout"):
         assert len({j.seeds[stream] for j in jobs}) == 2000
+
+
+@pytest.mark.slow
+def test_acc_and_acc_norm_equal_lm_evaluation_harness_on_the_same_questions(tmp_path):
+    """The multiple-choice labels against the field's scorer: lm-evaluation-harness' own ARC
+    task logic (prompt, choices, target, and its process_results turning per-choice
+    loglikelihoods into acc / acc_norm), on the same questions and the same loglikelihoods."""
+    lm_task = pytest.importorskip("lm_eval.api.task")
+    tok = ByteTokenizer()
+    lines = FIXTURE.read_text().splitlines()
+    examples = [arc_example(json.loads(line)) for line in lines]
+    model = tiny_llama(vocab=tok.vocab_size, hidden=32)
+    specs = [LoraSpec(r=2, alpha=4, init_seed=s) for s in (1, 2)]
+    mm = MultiLoraModel(model, ["q_proj", "v_proj"], specs)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for w in mm.wrappers.values():
+            w.lora_B.copy_(torch.randn(w.lora_B.shape, generator=g) * 0.5 * w.rank_mask[:, None])
+    mm.eval()
+
+    def tokenize(ex: Example):
+        return [tok.bos_id, *tok.encode(ex.context)], [tok.encode(c) for c in ex.choices]
+
+    rows = build_eval_rows(examples, tokenize, max_len=512, multiple_choice=True)
+    scores = score_rows(
+        model, rows, 2, batch_size=16, pad_id=tok.pad_id, device=torch.device("cpu")
+    )
+    ours = summarise(examples, rows, scores, loss_on="continuation", per_group=False)
+    (tmp_path / "test.jsonl").write_text("\n".join(lines) + "\n")
+    task = lm_task.ConfigurableTask(
+        config={  # lm-eval's arc_easy.yaml, on the local file
+            "task": "arc_local",
+            "dataset_path": "json",
+            "dataset_kwargs": {"data_files": {"test": str(tmp_path / "test.jsonl")}},
+            "test_split": "test",
+            "output_type": "multiple_choice",
+            "doc_to_text": "Question: {{question}}\nAnswer:",
+            "doc_to_target": "{{choices.label.index(answerKey)}}",
+            "doc_to_choice": "{{choices.text}}",
+            "metric_list": [
+                {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+                {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
+            ],
+        }
+    )
+    docs = list(task.test_docs())
+    assert len(docs) == len(examples)
+    by_ex = {}
+    for i, r in enumerate(rows):
+        by_ex.setdefault(r.example, []).append(i)
+    for k in range(2):
+        acc, acc_norm = [], []
+        for e, (ex, doc) in enumerate(zip(examples, docs)):
+            # same question, choices (lm-eval adds its " " delimiter when scoring) and target
+            assert task.doc_to_text(doc) == ex.context
+            assert [task.config.target_delimiter + c for c in task.doc_to_choice(doc)] == list(
+                ex.choices
+            )
+            assert task.doc_to_target(doc) == ex.label
+            lls = [
+                (float(scores[0][k, i]), False)
+                for i in sorted(by_ex[e], key=lambda i: rows[i].choice)
+            ]
+            res = task.process_results(doc, lls)
+            acc.append(res["acc"])
+            acc_norm.append(res["acc_norm"])
+        assert ours[k]["acc"] == pytest.approx(sum(acc) / len(acc), abs=1e-12)
+        assert ours[k]["acc_norm"] == pytest.approx(sum(acc_norm) / len(acc_norm), abs=1e-12)
