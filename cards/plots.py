@@ -48,12 +48,6 @@ def _figure(n_panels: int, ncols: int = 3, panel: tuple[float, float] = (4.2, 3.
     return fig, axes[:n_panels]
 
 
-def _sample_rows(n: int, k: int) -> list[int]:
-    if n <= k:
-        return list(range(n))
-    return sorted({int(round(x)) for x in np.linspace(0, n - 1, k)})
-
-
 def _numeric_columns(zoo: Any, names: Sequence[str]) -> dict[str, np.ndarray]:
     """{column: float values over all splits} for scalar numeric / bool columns."""
     import pyarrow as pa

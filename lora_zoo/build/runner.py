@@ -57,7 +57,6 @@ from lora_zoo.build.workdir import (
     RUNNING,
     JobState,
     WorkDir,
-    canonical_safetensors,
     chunks,
     parse_shard,
     shard_chunks,
@@ -75,7 +74,6 @@ __all__ = [
     "WorkDir",
     "build",
     "build_from_recipe_text",
-    "canonical_safetensors",
     "chunks",
     "pack",
     "parse_shard",
@@ -129,7 +127,7 @@ def _record_results(
         elif tl.status == "done" and tl.record is not None:
             try:
                 tl.record.validate(file=job.lora_id)
-                weights = canonical_safetensors(tl.record.to_safetensors_bytes())
+                weights = tl.record.to_safetensors_bytes()  # canonical header (record layer)
             except LoraZooError as e:
                 st.state, st.reason, st.diverged = FAILED, str(e), True
                 wd.append(job.index, FAILED, attempts=attempts, reason=str(e), diverged=True)

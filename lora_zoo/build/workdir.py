@@ -24,7 +24,6 @@ from lora_zoo.build import plan as planlib
 from lora_zoo.build.api import JobSpec, TrainedLora
 from lora_zoo.build.recipe import Recipe
 from lora_zoo.errors import BuildError
-from lora_zoo.record import LoraRecord, canonical_safetensors  # noqa: F401  (re-export)
 
 log = logging.getLogger(__name__)
 

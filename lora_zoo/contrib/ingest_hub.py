@@ -153,11 +153,26 @@ def _resolve_commit(api: Any, hs: HubSource) -> str:
     return str(info.sha)
 
 
-def _unsafe(path: str, url: str) -> PathEscapeError | None:
+def _refusal(
+    path: str, size: int, url: str, sized: bool, max_bytes: int | None
+) -> LoraZooError | None:
+    """Why a listed file is refused before download (None: it is not)."""
     try:
-        safe_relpath(path, file=url, key="path")
+        safe_relpath(path, file=url, key="path")  # the one check every zoo path gets
     except PathEscapeError as e:
         return e
+    if path.lower().endswith(PICKLE_SUFFIXES):
+        return PickleRefusedError(
+            f"pickle-based checkpoint ({size:,} bytes): refused, not downloaded. "
+            "Download and convert it yourself, or ask the author for safetensors",
+            file=url,
+        )
+    if sized and max_bytes is not None and size > max_bytes:
+        return FileTooLargeError(
+            f"file is {size:,} bytes on the Hub, over the limit of {max_bytes:,} bytes "
+            "(not downloaded; raise --max-file-mb to accept it)",
+            file=url,
+        )
     return None
 
 
@@ -173,21 +188,7 @@ def plan(
         low, url = path.lower(), fetch.url(path)
         is_weights = low.endswith(SAFETENSORS_SUFFIX)
         is_config = posixpath.basename(path) == CONFIG_NAME
-        err: LoraZooError | None = _unsafe(path, url)  # the one check every zoo path gets
-        if err is not None:
-            pass  # refused below
-        elif low.endswith(PICKLE_SUFFIXES):
-            err = PickleRefusedError(
-                f"pickle-based checkpoint ({size:,} bytes): refused, not downloaded. "
-                "Download and convert it yourself, or ask the author for safetensors",
-                file=url,
-            )
-        elif (is_weights or is_config) and max_bytes is not None and size > max_bytes:
-            err = FileTooLargeError(
-                f"file is {size:,} bytes on the Hub, over the limit of {max_bytes:,} bytes "
-                "(not downloaded; raise --max-file-mb to accept it)",
-                file=url,
-            )
+        err = _refusal(path, size, url, is_weights or is_config, max_bytes)
         if err is not None:
             fetch.rejected.append(_err(url, err))
         elif is_weights:

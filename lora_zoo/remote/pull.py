@@ -35,6 +35,7 @@ from lora_zoo._io import (
     resolve_under,
     safe_relpath,
     sha256_local,
+    tmp_path_for,
 )
 from lora_zoo.errors import IntegrityError, RemoteError, ZooFormatError
 from lora_zoo.remote.sources import (
@@ -85,8 +86,9 @@ def download_file(
     (``max_bytes``, for files the manifest does not size): a hostile remote cannot fill the
     disk by lying about a file, and nothing unverified is ever renamed into place."""
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    tmp = tmp_path_for(dst)
     h, n = hashlib.sha256(), 0
+    limit = size if size is not None else max_bytes
     try:
         with fs.open(src, "rb", block_size=0 if _is_hf(fs) else None) as fin, open(tmp, "wb") as fo:
             while True:
@@ -95,7 +97,6 @@ def download_file(
                     break
                 h.update(b)
                 n += len(b)
-                limit = size if size is not None else max_bytes
                 if limit is not None and n > limit:
                     raise IntegrityError(
                         f"more than {limit} bytes arrived ("

@@ -14,7 +14,7 @@ from typing import Any
 
 from lora_zoo.build.api import JobSpec, TrainedLora
 from lora_zoo.build.backends.store import LoraStore
-from lora_zoo.build.workdir import _plain, canonical_safetensors, result_doc
+from lora_zoo.build.workdir import _plain, result_doc
 from lora_zoo.errors import LoraZooError
 from lora_zoo.record import LoraRecord
 
@@ -56,7 +56,7 @@ def to_plain(tl: TrainedLora, store: LoraStore | None = None, build: str = "") -
         }
     try:  # what the runner does for a local result, done here so bad weights are never uploaded
         tl.record.validate(file=tl.job.lora_id)
-        weights = canonical_safetensors(tl.record.to_safetensors_bytes())
+        weights = tl.record.to_safetensors_bytes()  # canonical header (record layer)
     except LoraZooError as e:
         row = {**row, "status": "failed", "error": str(e)}
         store.put_failure(store.job_dir(build, tl.job.index, tl.job.to_dict()), row)

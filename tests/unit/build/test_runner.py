@@ -11,7 +11,6 @@ import yaml
 from lora_zoo.build.runner import (
     WorkDir,
     build,
-    canonical_safetensors,
     chunks,
     pack,
     parse_shard,
@@ -22,6 +21,7 @@ from lora_zoo.build.runner import (
 )
 from lora_zoo.errors import BuildError
 from lora_zoo.load.source import load_zoo
+from lora_zoo.record import canonical_safetensors
 from tests.fixtures.toy_builder import register, toy_recipe, zoo_snapshot
 
 
