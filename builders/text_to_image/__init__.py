@@ -94,6 +94,9 @@ class BuilderArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
     latent_cache_size: int = 4096
     membership_bits: bool = True  # store a 0/1 vector over all groups (Imagenette's 10 bits)
+    # also one bool label per group, in_group.<g> (what `lora-zoo bench --target 'in_group.*'`
+    # learns, as for causal_lm zoos); off by default: CelebA has ~10k identities
+    in_group_columns: bool = False
     progress: bool = False
 
 
@@ -114,8 +117,9 @@ class TextToImageBuilder:
 
     NAME: ClassVar[str] = "text_to_image"
     # 2: hp.* / seed.* once (was also hparams.* / seeds.*); 3: subset draws by
-    # stable_permutation (was numpy's Generator.choice)
-    VERSION: ClassVar[str] = "3"
+    # stable_permutation (was numpy's Generator.choice); 4: clip_score clamps the mean, as
+    # torchmetrics does (was the mean of per-image clamped scores)
+    VERSION: ClassVar[str] = "4"
     Config: ClassVar[type[BaseModel]] = Config
 
     def __init__(self, config: BaseModel, *, device: str = "cpu", cache_dir: str | None = None):
@@ -309,6 +313,8 @@ class TextToImageBuilder:
         meta["final_train_loss"] = float(trainer.last_loss[k])  # NaN if it never stepped
         if cfg.builder_args.membership_bits:
             scores["membership"] = [int(g in groups) for g in self.index.groups]
+        if cfg.builder_args.in_group_columns:
+            scores["in_group"] = {g: g in groups for g in self.index.groups}
         if cfg.data.attributes is not None:
             a = cfg.data.attributes
             if self._attrs is None:
@@ -353,8 +359,8 @@ class TextToImageBuilder:
                 seed=ev.seed,
                 resolution=res,
             )  # (K, P, 3, H, W)
-        flat = self.clip.score(images.flatten(0, 1), [s for lst in prompts for s in lst])
-        flat = flat.view(len(hps), len(ev.prompts))
+        sim = self.clip.similarity(images.flatten(0, 1), [s for lst in prompts for s in lst])
+        sim = sim.view(len(hps), len(ev.prompts))  # (K, P) 100 * cos, unclamped
         cfg_rec = {
             "prompts": list(ev.prompts),
             "sampler": ev.sampler,
@@ -364,8 +370,14 @@ class TextToImageBuilder:
             "resolution": res,
             "clip_model": self.clip.model_id,
         }
+        # torchmetrics' clip_score: a LoRA's score is the clamped mean over its images, each
+        # prompt's the clamped score of its one image (ClipScorer's docstring)
         scores = [
-            {"clip_score": float(row.mean()), "clip_score_per_prompt": row.tolist()} for row in flat
+            {
+                "clip_score": float(ClipScorer.set_score(row)),
+                "clip_score_per_prompt": row.clamp(min=0).tolist(),
+            }
+            for row in sim
         ]
         return scores, cfg_rec
 

@@ -119,7 +119,13 @@ def generate_grouped(
 
 
 class ClipScorer:
-    """CLIP score = 100 * max(cos(image, text), 0) (the torchmetrics / paper definition).
+    """CLIP score as torchmetrics defines it (the LoL paper's scorer).
+
+    torchmetrics' ``clip_score`` over a set of (image, caption) pairs is
+    ``max(mean_i 100 * cos(E_I_i, E_C_i), 0)``: the clamp comes AFTER the mean, so a LoRA's score
+    is :meth:`set_score` of its pairs, not the mean of per-pair clamped scores (the two differ as
+    soon as one pair has a negative cosine). ``tests/builders/test_text_to_image.py`` checks both
+    numbers against torchmetrics itself on the same images, captions and model.
 
     Images go through the model's own processor (resize, center crop, normalise) after being
     quantised to uint8, i.e. exactly what scoring saved PNGs would see.
@@ -150,9 +156,19 @@ class ClipScorer:
         s = self.spec
         return s.id if isinstance(s, HubClip) else f"tiny-clip-config-seed{s.seed}"
 
-    @torch.no_grad()
     def score(self, images: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
-        """images (N, 3, H, W) in [0, 1], texts N strings -> (N,) scores."""
+        """(N,) per-pair scores ``max(100 cos, 0)``: torchmetrics' ``clip_score`` of each pair alone."""
+        return self.similarity(images, texts).clamp(min=0)
+
+    @staticmethod
+    def set_score(similarity: torch.Tensor) -> torch.Tensor:
+        """torchmetrics' ``clip_score`` of a set of pairs from their :meth:`similarity` values
+        (last dim): the mean first, then the clamp at 0."""
+        return similarity.mean(dim=-1).clamp(min=0)
+
+    @torch.no_grad()
+    def similarity(self, images: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
+        """images (N, 3, H, W) in [0, 1], texts N strings -> (N,) ``100 * cos``, unclamped."""
         arrs = [np.asarray((im.permute(1, 2, 0) * 255).round().to(torch.uint8)) for im in images]
         inputs = self.processor(
             text=list(texts), images=arrs, return_tensors="pt", padding=True, truncation=True
@@ -164,7 +180,7 @@ class ClipScorer:
         )
         img, txt = _as_tensor(img), _as_tensor(txt)
         cos = torch.nn.functional.cosine_similarity(img.float(), txt.float(), dim=-1)
-        return (100 * cos.clamp(min=0)).cpu()
+        return (100 * cos).cpu()
 
 
 def _as_tensor(out: Any) -> torch.Tensor:

@@ -268,13 +268,28 @@ def _check_readme(fs, root: str, m: Mapping[str, Any]) -> list[str]:
         header = yaml.safe_load(text.split("---", 2)[1]) or {}
     except yaml.YAMLError as e:
         return [f"{README_NAME}: YAML header does not parse ({e})"]
+    # the card is text from strangers: every level of the header may be any YAML type
+    configs = header.get("configs") if isinstance(header, dict) else None
+    if not isinstance(configs, list) or not all(isinstance(c, dict) for c in configs):
+        return [f"{README_NAME}: YAML header key 'configs' is not a list of mappings"]
     got: dict[str, list[str]] = {}
-    for cfg in header.get("configs") or []:
+    for cfg in configs:
         if cfg.get("config_name", "default") != "default":
             continue
-        for df in cfg.get("data_files") or []:
+        files = cfg.get("data_files") or []
+        if not isinstance(files, list) or not all(isinstance(d, dict) for d in files):
+            return [
+                f"{README_NAME}: YAML header key 'configs.data_files' is not a list of mappings"
+            ]
+        for df in files:
             p = df.get("path")
-            got[df.get("split")] = [p] if isinstance(p, str) else list(p or [])
+            if not (
+                isinstance(p, str) or (isinstance(p, list) and all(isinstance(x, str) for x in p))
+            ):
+                return [
+                    f"{README_NAME}: YAML header key 'configs.data_files.path' is not a path or list of paths"
+                ]
+            got[str(df.get("split"))] = [p] if isinstance(p, str) else list(p)
     want = {s: [sh["path"] for sh in sp["shards"]] for s, sp in m["splits"].items() if sp["shards"]}
     if got != want:
         return [f"{README_NAME}: configs data_files {got} != manifest shards {want}"]

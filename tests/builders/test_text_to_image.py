@@ -245,6 +245,50 @@ def test_clip_score_matches_clipmodel_forward(tmp_path):
     assert (got > 0).any()
 
 
+class _Tensors(torch.nn.Module):
+    """torchmetrics 1.9 divides get_*_features' result by its norm; transformers 5 returns a
+    model output there (its pooled projection is the tensor torchmetrics means), so this hands
+    torchmetrics the tensor and leaves processing, normalising, the mean and the clamp to it."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.config = model, model.config
+
+    def get_image_features(self, *a, **k):
+        from builders.text_to_image.eval import _as_tensor
+
+        return _as_tensor(self.model.get_image_features(*a, **k))
+
+    def get_text_features(self, *a, **k):
+        from builders.text_to_image.eval import _as_tensor
+
+        return _as_tensor(self.model.get_text_features(*a, **k))
+
+
+def test_clip_score_equals_torchmetrics(tmp_path):
+    """Per pair and per LoRA (a set of pairs), our CLIP score is torchmetrics' ``clip_score`` on
+    the same uint8 images, captions, CLIP model and processor (fails on the old per-LoRA mean of
+    clamped scores: the seed-0 images below include negative cosines)."""
+    from torchmetrics.functional.multimodal import clip_score
+
+    spec = TinyClip(**TINY_CLIP)
+    scorer = ClipScorer(spec, cache_dir=str(tmp_path))
+    imgs = torch.rand(6, 3, 20, 24, generator=torch.Generator().manual_seed(0))
+    texts = ["a photo of sks", "a cat", "skd person", "a sks on a table", "x", "a photo of skd"]
+    u8 = (imgs * 255).round().to(torch.uint8)  # what ours scores (saved-PNG quantisation)
+    pair = lambda: (_Tensors(scorer.model), scorer.processor)  # noqa: E731
+    sim = scorer.similarity(imgs, texts)
+    assert (sim < 0).any() and (sim > 0).any()  # the clamp order matters on these inputs
+    # float32 features of width projection_dim (d): the cosine's rounding is ~d * eps32 in each
+    # implementation; x100 for the score scale, x10 headroom for the two reduction orders
+    tol = 10 * 100 * spec.projection_dim * torch.finfo(torch.float32).eps
+    ref = torch.stack([clip_score(u8[i], texts[i], pair) for i in range(len(texts))])
+    torch.testing.assert_close(scorer.score(imgs, texts), ref, atol=tol, rtol=0)
+    ref_set = clip_score(list(u8), texts, pair)
+    torch.testing.assert_close(ClipScorer.set_score(sim), ref_set, atol=tol, rtol=0)
+    assert float(ref_set) < float(scorer.score(imgs, texts).mean()) - 1.0  # the old rule differs
+
+
 # ---- end to end ----------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_builder_end_to_end_records_labels_and_peft_loadable(sample_root, tmp_path):
@@ -285,8 +329,10 @@ def test_builder_end_to_end_records_labels_and_peft_loadable(sample_root, tmp_pa
     assert res[0].scores["attributes"]["Striped"] == (sum(pos) / len(pos) > 0.5)
     assert res[0].scores["attribute_fraction"]["Striped"] == pytest.approx(sum(pos) / len(pos))
     assert len(res[0].scores["clip_score_per_prompt"]) == 2
-    assert res[0].scores["clip_score"] == pytest.approx(
-        np.mean(res[0].scores["clip_score_per_prompt"])
+    # torchmetrics' set score clamps the mean of the raw cosines, so it is <= the mean of the
+    # per-prompt clamped scores (equal when no cosine is negative)
+    assert (
+        0 <= res[0].scores["clip_score"] <= np.mean(res[0].scores["clip_score_per_prompt"]) + 1e-4
     )
     assert (
         m0["clip_eval"]["clip_model"] == "tiny-clip-config-seed3" and m0["clip_eval"]["seed"] == 42

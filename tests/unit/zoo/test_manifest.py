@@ -248,3 +248,20 @@ def test_cli_info_and_verify(zoo, capsys):
     assert main(["verify", str(zoo)]) == 1
     out = capsys.readouterr().out
     assert "data/train-00001.parquet" in out and "problem" in out
+
+
+@pytest.mark.parametrize(
+    "header, key",
+    [
+        ("configs: just-a-string", "'configs'"),
+        ("- a\n- b", "'configs'"),  # the whole header a list
+        ("configs: [default]", "'configs'"),
+        ("configs: [{config_name: default, data_files: 7}]", "'configs.data_files'"),
+        ("configs: [{data_files: [{split: train, path: {a: 1}}]}]", "'configs.data_files.path'"),
+    ],
+)
+def test_verify_names_a_hostile_readme_header_instead_of_crashing(zoo, header, key):
+    """The card is text from strangers: any YAML shape gives a problem line naming the key."""
+    (zoo / "README.md").write_text(f"---\n{header}\n---\n# card\n")
+    problems = "\n".join(verify(zoo, hashes=False))
+    assert f"README.md: YAML header key {key}" in problems
