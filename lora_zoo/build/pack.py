@@ -69,18 +69,6 @@ def _split_assignment(ids: list[str], metas: list[dict[str, Any]], split: Any) -
 _MISSING = object()
 
 
-def _finished_doc(wd: WorkDir, index: int) -> dict[str, Any] | None:
-    """The result document of a finished LoRA, without reading its weights: the json is
-    renamed into place only after the weights file (see workdir), so its presence means the
-    weights were complete; pass 2 checks their sha256 anyway."""
-    doc = wd._read_doc(index)
-    if doc is None or "weights_sha256" not in doc:
-        return None
-    if doc.get("store"):
-        return doc
-    return doc if wd._paths(index)[0].exists() else None
-
-
 def _row_metadata(j: JobSpec, doc: Mapping[str, Any]) -> dict[str, Any]:
     """A zoo row's metadata: the builder's, the job's data, and (format 2) hyperparameters
     under hp.* once (the varied values plus whatever the builder resolved, its defaults) and
@@ -156,7 +144,7 @@ def pack(
         st = wd.replay()
         for j in wd.jobs():
             jobs.setdefault(j.index, j)
-            doc = _finished_doc(wd, j.index)
+            doc = wd.finished_doc(j.index)
             if doc is not None:
                 sha = doc["weights_sha256"]
                 if j.index in found and found[j.index][1] != sha:

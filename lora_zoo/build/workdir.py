@@ -218,6 +218,18 @@ class WorkDir:
         except json.JSONDecodeError:
             return None
 
+    def finished_doc(self, index: int) -> dict[str, Any] | None:
+        """The result document of a finished LoRA, without reading its weights (pack's first
+        pass reads only these). The json is renamed into place only after the weights file
+        (``write_result``), so its presence means the weights were complete; whoever reads the
+        weights later still checks their sha256."""
+        doc = self._read_doc(index)
+        if doc is None or "weights_sha256" not in doc:
+            return None
+        if doc.get("store"):
+            return doc
+        return doc if self._paths(index)[0].exists() else None
+
     def read_result(self, index: int) -> tuple[bytes, dict[str, Any]] | None:
         """(weights, doc) when both files are complete and agree, else None. A LoRA recorded
         from a store is read from there (sha256 checked)."""
