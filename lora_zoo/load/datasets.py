@@ -51,7 +51,7 @@ from lora_zoo.errors import (
 )
 from lora_zoo.load.collate import _arrow_labels, _merge, label_masks, labels_to_batch
 from lora_zoo.load.decode import Factors, decode_weight_batch
-from lora_zoo.load.views import RANK_KEYS, ViewContext, apply_view, get_view
+from lora_zoo.load.views import RANK_KEYS, ViewContext, apply_view_many, get_view
 from lora_zoo.record import LoraRecord
 
 logger = logging.getLogger(__name__)
@@ -195,9 +195,10 @@ class _ZooViews:
         return self._selected[key]
 
     def _views(self, fac: Factors, indices: Sequence[int]) -> dict[str, dict[str, Any]]:
-        """Run the view on each selected module's (g, n, r) stack -> {name: {key: (g, ...)}}."""
-        out: dict[str, dict[str, Any]] = {}
+        """Run the view on each selected module's (g, n, r) stack -> {name: {key: (g, ...)}};
+        all modules in one call (``apply_view_many``: e.g. one batched r x r SVD for all)."""
         idx = tuple(int(i) for i in indices)  # once per group, not once per module
+        names, us, vs, ctxs = [], [], [], []
         for name, (u, v) in fac.items():  # already selected by the decoder  # (g, n, r), (g, m, r)
             if self.device is not None:
                 u, v = u.to(self.device), v.to(self.device)
@@ -222,7 +223,12 @@ class _ZooViews:
                 template=template,
                 options=self.view_options,
             )
-            res = apply_view(self.view, u, v, ctx)
+            names.append(name)
+            us.append(u)
+            vs.append(v)
+            ctxs.append(ctx)
+        out: dict[str, dict[str, Any]] = {}
+        for name, u, v, res in zip(names, us, vs, apply_view_many(self.view, us, vs, ctxs)):
             res["features"] = (int(u.shape[-2]), int(v.shape[-2]))  # ΔW is (out, in)
             rank = u.shape[-1]
             for k, t in res.items():
@@ -490,22 +496,25 @@ class LoraIterableDataset(_ZooViews, IterableDataset):
         ranges = self._ranges(rank, world, wid, nw)
         for t in self._rows(self._read(ranges, cols), rank * nw + wid):
             if t.num_rows:
-                yield from self._process(t.combine_chunks().to_batches()[0])
+                # the small columns as one record batch; the weights stay chunked (a batch
+                # spanning row groups): the decoder copies each chunk once, into the batch
+                small = t.drop_columns(["weights"]).combine_chunks().to_batches()[0]
+                yield from self._process(small, t.column("weights"))
 
-    def _process(self, batch: Any) -> Iterator[dict[str, Any]]:
+    def _process(self, batch: Any, weights: Any) -> Iterator[dict[str, Any]]:
         ids = batch.column("lora_id").to_pylist()
         rows_idx = batch.column(_ROW).to_numpy()  # (b,) global row index
         base = batch.column("base_model").to_pylist()
         labels = {} if self.batch_size else {c: batch.column(c).to_pylist() for c in self.labels}
         groups = decode_weight_batch(
-            batch.column("weights"),
+            weights,
             batch.column("adapter_config").to_pylist(),
             fold_scale=self.fold_scale,
             where=self.where,
             ids=ids,
             validate=self.validate,
             select=self._select,
-            consume=True,  # the batch is ours: fold the scale in place, no copy
+            consume=True,  # the batch is ours: without a fold, views of it (no copy)
         )
         viewed = [(rows, self._views(fac, rows_idx[rows])) for rows, fac in groups]
         if self.batch_size is None:

@@ -2,11 +2,12 @@
 
 A zoo's weight column holds one safetensors file per row. Rows whose headers are identical (the
 normal case: same modules, ranks and dtype) share tensor offsets, so each factor of a whole record
-batch is one strided numpy view over the buffer instead of one safetensors parse per LoRA. When
-the caller owns the batch (``consume=True``, the streaming dataset) the scale is folded in place
-in that buffer and the factors are views of it: one pass over the bytes, no fresh memory. Kept
-apart from the datasets (``loaders.py``) because the reader, the benchmarks and ingest validation
-use it without any torch ``Dataset``.
+batch is one strided view over the buffer instead of one safetensors parse per LoRA. Folding
+sqrt(scale) is the copy: one out-of-place multiply per run of adjacent rows, from Arrow's buffer
+into one fresh (rows, tensor elements) block taken from Arrow's memory pool (recycled pages: no
+page faults per batch), and the factors are views of that block. Without a fold, a batch the
+caller owns (``consume=True``) is not copied at all. Kept apart from the datasets
+(``datasets.py``) because tests, benchmarks and tools use it without any torch ``Dataset``.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ _ST_DTYPES = {
 }
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # name -> (U (.., n, r), V (.., m, r))
-_WHOLE_BLOCK_REDUCE = 32768  # longer rows: aminmax row by row (see _decode_in_place)
 
 # ---- batched safetensors decoding ------------------------------------------------------------
 _Spec = tuple[str, str, int, int, tuple[int, ...]]  # key, dtype, start, end, shape
@@ -60,7 +60,7 @@ class _Layout:
     def __init__(self, n: int, specs: tuple[_Spec, ...], cfg_text: str) -> None:
         self.n, self.specs, self.cfg_text = n, specs, cfg_text
         self.plan: tuple[int, dict[str, Any], dict[str, dict[str, _Spec]], list[str]] | None = None
-        self.views: dict[tuple[bool, tuple[str, ...]], Any] = {}  # in-place plans
+        self.views: dict[tuple[bool, tuple[str, ...]], Any] = {}  # block plans (_in_place_plan)
 
 
 # Header bytes -> layout. Bounded: a zoo has a handful of layouts, each written in a few
@@ -146,31 +146,39 @@ def decode_weight_batch(
     exponent bits). ``select`` maps the module names to the ones to decode (others are skipped).
     Checked against ``safetensors.torch.load`` per row in tests.
 
+    The fast path (every module decoded, one dtype, one non-negative scale, no gaps between
+    tensors; anything else takes the per-tensor copy) copies each run of adjacent rows with one
+    ``torch.mul`` by sqrt(scale) (the fold is the copy) into one block from Arrow's memory pool,
+    and validates that block with two integer max reductions (see ``_check_finite``). A chunked
+    ``weights`` (a batch spanning row groups) is decoded chunk by chunk into that one block.
+
     ``consume=True`` says the caller owns ``weights`` and drops it afterwards (the streaming
-    dataset, with a record batch fresh from Parquet): the scale is then folded in place inside
-    Arrow's (mutable) buffer with one ``mul_`` over each row group and the factors are strided
-    views into that buffer, not fresh copies. That skips a copy and the page faults of fresh
-    memory (about 2x on the decode). The fast path needs every module decoded, one dtype, one
-    non-negative scale and no gaps between tensors; anything else takes the per-tensor copy.
+    dataset, with a record batch fresh from Parquet): without a fold the factors are then
+    strided views into Arrow's buffer, not copies. Arrow's buffer is never written to.
 
     Parsed headers and the per-layout checks are cached per process (keyed on the header bytes
     and config), so a streaming epoch parses each distinct header once, not once per batch.
     """
     import pyarrow as pa
 
-    arr = weights.combine_chunks() if isinstance(weights, pa.ChunkedArray) else weights
-    if arr.null_count:
-        raise CorruptFileError("weights column holds null rows", file=where, key="weights")
-    off_t = np.int64 if pa.types.is_large_binary(arr.type) else np.int32
-    _, obuf, dbuf = arr.buffers()
-    own = consume and dbuf is not None and dbuf.is_mutable
-    offs = np.frombuffer(obuf, dtype=off_t)[arr.offset : arr.offset + len(arr) + 1].astype(np.int64)
-    data = np.frombuffer(dbuf, dtype=np.uint8) if dbuf is not None else np.zeros(0, np.uint8)
     label = (lambda i: f"{where}:{ids[i]}") if ids is not None else (lambda i: where)
 
     def parse(head: bytes, cfg: str | None, i: int) -> _Layout:
         return _layout(head, cfg, label(i))
 
+    if isinstance(weights, pa.ChunkedArray):
+        parts = [c for c in weights.chunks if len(c)]
+        if len(parts) > 1:
+            done = _decode_chunks(parts, configs, parse, fold_scale, validate, select, where, ids)
+            if done is not None:
+                return done
+        arr = parts[0] if len(parts) == 1 else weights.combine_chunks()
+    else:
+        arr = weights
+    if arr.null_count:
+        raise CorruptFileError("weights column holds null rows", file=where, key="weights")
+    data, offs, dbuf = _arrow_rows(arr)
+    own = consume and dbuf is not None and dbuf.is_mutable
     fast = _group_same_length(data, offs, configs, parse)
     groups: dict[_Layout, Any] = dict(fast or {})
     for i in range(len(arr) if fast else 0, len(arr)):
@@ -193,6 +201,75 @@ def decode_weight_batch(
             )
             out.append((rows, fac))
         return out
+
+
+def _arrow_rows(arr: Any) -> tuple[np.ndarray, np.ndarray, Any]:
+    """(data bytes (uint8, no copy), row offsets (rows + 1,) int64, data buffer) of a binary
+    array."""
+    import pyarrow as pa
+
+    off_t = np.int64 if pa.types.is_large_binary(arr.type) else np.int32
+    _, obuf, dbuf = arr.buffers()
+    offs = np.frombuffer(obuf, dtype=off_t)[arr.offset : arr.offset + len(arr) + 1].astype(np.int64)
+    data = np.frombuffer(dbuf, dtype=np.uint8) if dbuf is not None else np.zeros(0, np.uint8)
+    return data, offs, dbuf
+
+
+def _decode_chunks(
+    parts: list[Any],
+    configs: Sequence[str | None] | None,
+    parse: Callable[[bytes, str | None, int], _Layout],
+    fold_scale: bool,
+    validate: bool,
+    select: Callable[[list[str]], list[str]] | None,
+    where: str,
+    ids: Sequence[str] | None,
+) -> list[tuple[np.ndarray, Factors]] | None:
+    """A batch spread over several Arrow chunks (it spans row groups), every row of one layout:
+    each chunk copied (and folded) straight into one block, instead of concatenating the chunks
+    first (one more copy of every byte). None where that does not apply: the caller
+    concatenates and takes the general path (which also names any bad row)."""
+    if configs is not None and list(configs).count(configs[0]) != len(configs):
+        return None
+    lay: _Layout | None = None
+    mats: list[np.ndarray] = []
+    pos = 0
+    for part in parts:
+        if part.null_count:
+            return None
+        data, offs, _ = _arrow_rows(part)
+        g, p0 = len(part), pos
+        cfgs = None if configs is None else configs[p0 : p0 + g]
+        grouped = _group_same_length(data, offs, cfgs, lambda h, c, i, p0=p0: parse(h, c, p0 + i))
+        if grouped is None or len(grouped) != 1:
+            return None
+        ((this, _),) = grouped.items()
+        if lay is not None and this is not lay:
+            return None
+        lay, length = this, int(offs[1] - offs[0])
+        mats.append(data[int(offs[0]) : int(offs[0]) + g * length].reshape(g, length))
+        pos += g
+    assert lay is not None
+    rows = np.arange(pos, dtype=np.int64)
+    where_rows = _Where(where, ids, rows)
+    length, config, pairs, names = _plan(lay, where_rows)
+    chosen = names if select is None else select(names)
+    if any(m.shape[1] != length for m in mats) or len(chosen) != len(names):
+        return None
+    with single_threaded():
+        fac = _decode_fast(
+            mats,
+            8 + lay.n,
+            lay,
+            pairs,
+            chosen,
+            config,
+            fold_scale,
+            validate,
+            where_rows,
+            views_ok=False,
+        )
+    return None if fac is None else [(rows, fac)]
 
 
 def _group_same_length(
@@ -288,16 +365,20 @@ def _decode_group(
             f"weights length does not match its safetensors header ({length} bytes)",
             file=where[int(bad[0])],
         )
-    if g == 1 or bool((np.diff(starts) == length).all()):
-        mat = data[starts[0] : starts[0] + g * length].reshape(g, length)  # zero-copy (g, L)
-    else:
-        mat = np.stack([data[s : s + length] for s in starts])  # (g, L), fresh: ours to scale
-        own = True
+    # runs of rows adjacent in the buffer (all of them, normally): each one (k, L) view, no copy
+    cut = [0, *(np.flatnonzero(np.diff(starts) != length) + 1).tolist(), g]
+    mats = [
+        data[starts[a] : starts[a] + (b - a) * length].reshape(b - a, length)
+        for a, b in zip(cut, cut[1:])
+    ]
     chosen = names if select is None else select(names)
-    if own and len(chosen) == len(names):
-        fast = _decode_in_place(mat, base, lay, pairs, chosen, config, fold_scale, validate, where)
+    if len(chosen) == len(names):
+        fast = _decode_fast(
+            mats, base, lay, pairs, chosen, config, fold_scale, validate, where, views_ok=own
+        )
         if fast is not None:
             return fast
+    mat = mats[0] if len(mats) == 1 else np.concatenate(mats)  # (g, L)
     out: Factors = {}
     for name in chosen:
         ab = pairs[name]
@@ -335,7 +416,8 @@ def _in_place_plan(
 ) -> _InPlace | None:
     """(torch dtype, item size, end of the tensor block, scale, per module: (name, A start/end
     in elements, A shape, B start/end, B shape, plain 2-D pair)), or None when the layout does
-    not allow the in-place path. Cached on the layout per (fold_scale, modules)."""
+    not allow the block path (``_decode_fast``). Cached on the layout per (fold_scale, modules).
+    """
     key = (fold_scale, tuple(names))
     if key in lay.views:
         return lay.views[key]
@@ -367,8 +449,49 @@ def _in_place_plan(
     return plan
 
 
-def _decode_in_place(
-    mat: np.ndarray,
+def _alloc(nbytes: int) -> torch.Tensor:
+    """(nbytes,) uint8 of fresh memory from Arrow's pool. A batch block is tens of MB: torch's
+    allocator hands that out as a new mmap every time (a page fault per 4 KiB on first write,
+    about as slow as the copy itself), Arrow's pool recycles the pages of freed batches."""
+    import pyarrow as pa
+
+    return torch.frombuffer(pa.allocate_buffer(max(nbytes, 1)), dtype=torch.uint8)[:nbytes]
+
+
+def _as_torch(mat: np.ndarray) -> torch.Tensor:
+    """A torch view of a numpy array, also of a read-only one (only ever read)."""
+    if mat.flags.writeable:
+        return torch.from_numpy(mat)
+    with warnings.catch_warnings():  # torch warns on numpy arrays it believes read-only
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(mat)
+
+
+_INTS = {2: (torch.int16, np.uint16), 4: (torch.int32, np.uint32), 8: (torch.int64, np.uint64)}
+
+
+def _check_finite(block: torch.Tensor, lay: _Layout, size: int, where: Sequence[str]) -> None:
+    """Raise ``NonFiniteError`` (naming the row and tensor) if ``block`` (g, numel) holds inf or
+    nan. On the raw bits, two integer max reductions (each several times faster than a float
+    ``aminmax``, which also had to be split by rows on long strided rows): with E the exponent
+    mask and S the sign bit, a positive inf/nan has bits in [E, S) (the signed max finds it) and
+    a negative one in [S | E, 2^w) (the unsigned max finds it); finite values lie below both."""
+    if not block.numel():
+        return
+    exp_mask = _EXP_BITS[lay.specs[0][1]][1]  # one dtype (the fast path's condition)
+    signed_t, unsigned_np = _INTS[size]
+    bits = block.view(signed_t).numpy()  # (g, numel), no copy
+    sign_exp = (1 << (8 * size - 1)) | exp_mask
+    if int(bits.max()) < exp_mask and int(bits.view(unsigned_np).max()) < sign_exp:
+        return
+    row = int((~torch.isfinite(block)).any(dim=1).int().argmax())  # only on failure
+    for key, _dt, s, e, _shape in lay.specs:
+        if not bool(torch.isfinite(block[row, s // size : e // size]).all()):
+            raise NonFiniteError("factor holds inf/nan", file=where[row], key=key)
+
+
+def _decode_fast(
+    mats: list[np.ndarray],
     base: int,
     lay: _Layout,
     pairs: dict[str, dict[str, _Spec]],
@@ -377,43 +500,39 @@ def _decode_in_place(
     fold_scale: bool,
     validate: bool,
     where: Sequence[str],
+    *,
+    views_ok: bool,
 ) -> Factors | None:
-    """All factors of the group as views into ``mat`` (which the caller owns), the scale folded
-    in by one in-place ``mul_`` over the whole (g, tensor bytes) block: the same kernel and
-    scalar rounding as ``LoraModule.factors``. None when the layout does not allow it (mixed
-    dtypes or scales, negative scale, gaps, misalignment): the caller then copies per tensor."""
+    """All factors of the group as views into one (g, numel) block. ``mats``: the group's rows,
+    as runs of adjacent rows (k, L) in order. The block is a fresh one (``_alloc``) filled by
+    one ``torch.mul`` by sqrt(scale) per run (the same kernel and scalar rounding as
+    ``LoraModule.factors``; a plain copy without a fold), or, with ``views_ok`` (the caller
+    owns the buffer), no fold and one run, the rows themselves. None when the layout does not
+    allow it (mixed dtypes or scales, negative scale, gaps, misalignment): the caller then
+    copies per tensor."""
     plan = _in_place_plan(lay, pairs, names, config, fold_scale, where)
     if plan is None:
         return None
     t_dt, size, end, mult, items = plan
-    g = mat.shape[0]
-    if (mat.ctypes.data + base) % size or mat.strides[0] % size:
+    if any((m.ctypes.data + base) % size or m.strides[0] % size for m in mats):
         return None
-    if mat.flags.writeable:
-        raw = torch.from_numpy(mat)  # (g, L) uint8, shares the buffer
+    root = math.sqrt(mult)  # like LoraModule.factors
+    srcs = [_as_torch(m)[:, base : base + end].view(t_dt) for m in mats]  # (k, numel) each
+    g = sum(m.shape[0] for m in mats)
+    if views_ok and root == 1.0 and len(srcs) == 1:
+        block = srcs[0]  # (g, numel) strided rows of the caller's buffer
     else:
-        with warnings.catch_warnings():  # torch warns on numpy arrays it believes read-only
-            warnings.simplefilter("ignore", UserWarning)
-            raw = torch.from_numpy(mat)
-    block = raw[:, base : base + end].view(t_dt)  # (g, numel of all tensors)
-    if mult != 1.0:
-        block.mul_(math.sqrt(mult))  # like LoraModule.factors
-    if validate and block.numel():
-        # NaN propagates through aminmax, inf is an extreme. On the strided (g, numel) block
-        # torch's reduction is fast for short rows but ~10x slower than row by row for long
-        # ones (measured: 2352 -> 21 us vs 178 us per row; 276k -> 17.8 ms vs 1.9 ms).
-        if block.shape[1] <= _WHOLE_BLOCK_REDUCE:
-            lo, hi = (float(x) for x in torch.aminmax(block))  # exact: bf16/f16/f32 -> double
-            finite = math.isfinite(lo) and math.isfinite(hi)  # no tensor ops on the usual path
-        else:
-            ext = torch.stack([x for j in range(g) for x in torch.aminmax(block[j])])  # (2g,)
-            finite = bool(torch.isfinite(ext).all())
-        if not finite:
-            rows = (~torch.isfinite(block)).any(dim=1)  # (g,): only on failure
-            row = int(rows.int().argmax())
-            for key, _dt, s, e, _shape in lay.specs:
-                if not bool(torch.isfinite(block[row, s // size : e // size]).all()):
-                    raise NonFiniteError("factor holds inf/nan", file=where[row], key=key)
+        block = _alloc(g * end).view(t_dt).view(g, end // size)  # (g, numel)
+        j = 0
+        for src in srcs:
+            k = src.shape[0]
+            if root == 1.0:
+                block[j : j + k].copy_(src)
+            else:
+                torch.mul(src, root, out=block[j : j + k])  # the fold is the copy
+            j += k
+    if validate:
+        _check_finite(block, lay, size, where)
     out: Factors = {}
     rs, off = block.stride(0), block.storage_offset()
     strided = torch.as_strided

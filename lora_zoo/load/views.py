@@ -43,6 +43,11 @@ logger = logging.getLogger(__name__)
 
 RANK_KEYS = frozenset({"U", "V", "S"})  # outputs whose last axis is the LoRA rank
 ViewFn = Callable[[torch.Tensor, torch.Tensor, "ViewContext"], dict[str, torch.Tensor]]
+# many modules at once: (U per module, V per module, ctx per module) -> one result per module
+ManyFn = Callable[
+    [Sequence[torch.Tensor], Sequence[torch.Tensor], Sequence["ViewContext"]],
+    list[dict[str, torch.Tensor]],
+]
 
 
 @dataclass(frozen=True)
@@ -65,22 +70,29 @@ class ViewContext:
 
 @dataclass(frozen=True)
 class ViewSpec:
+    """A registered view. ``many``: optional version over every module of a batch at once
+    (one result per module, each equal to ``fn`` on that module alone); the datasets use it."""
+
     name: str
     fn: ViewFn
     needs_template: bool = False
     doc: str = ""
+    many: ManyFn | None = None
 
 
 _REGISTRY: dict[str, ViewSpec] = {}
 
 
-def register_view(name: str, *, needs_template: bool = False) -> Callable[[ViewFn], ViewFn]:
-    """Decorator: register ``fn(u, v, ctx) -> dict`` under ``name`` (one name, one function)."""
+def register_view(
+    name: str, *, needs_template: bool = False, many: ManyFn | None = None
+) -> Callable[[ViewFn], ViewFn]:
+    """Decorator: register ``fn(u, v, ctx) -> dict`` under ``name`` (one name, one function);
+    ``many``: see ``ViewSpec``."""
 
     def deco(fn: ViewFn) -> ViewFn:
         if name in _REGISTRY and _REGISTRY[name].fn is not fn:
             raise ValueError(f"view {name!r} is already registered by {_REGISTRY[name].fn!r}")
-        _REGISTRY[name] = ViewSpec(name, fn, needs_template, (fn.__doc__ or "").strip())
+        _REGISTRY[name] = ViewSpec(name, fn, needs_template, (fn.__doc__ or "").strip(), many)
         return fn
 
     return deco
@@ -121,7 +133,15 @@ def dense_view(u: torch.Tensor, v: torch.Tensor, ctx: ViewContext) -> dict[str, 
     return {"W": symmetry.dense(u, v, out_dtype=ctx.dtype or u.dtype)}
 
 
-@register_view("svals")
+def _svals_many(
+    us: Sequence[torch.Tensor], vs: Sequence[torch.Tensor], ctxs: Sequence[ViewContext]
+) -> list[dict[str, torch.Tensor]]:
+    """``svals`` of every module of a batch: the r x r SVDs of all modules in one call."""
+    ods = [c.dtype or u.dtype for u, c in zip(us, ctxs)]
+    return [{"S": s} for s in symmetry.svals_many(list(zip(us, vs)), out_dtype=ods)]
+
+
+@register_view("svals", many=_svals_many)
 def svals_view(u: torch.Tensor, v: torch.Tensor, ctx: ViewContext) -> dict[str, torch.Tensor]:
     """Singular values of ΔW (..., r), from QR + r x r SVD (no dense SVD). GL(r)-invariant."""
     return {"S": symmetry.svals(u, v, out_dtype=ctx.dtype or u.dtype)}
@@ -194,3 +214,17 @@ def apply_view(
 ) -> dict[str, torch.Tensor]:
     """Look up and run a view (one place for the call convention)."""
     return get_view(name).fn(u, v, ctx)
+
+
+def apply_view_many(
+    name: str,
+    us: Sequence[torch.Tensor],
+    vs: Sequence[torch.Tensor],
+    ctxs: Sequence[ViewContext],
+) -> list[dict[str, torch.Tensor]]:
+    """A view over many modules: its ``many`` version where it has one, else module by
+    module."""
+    spec = get_view(name)
+    if spec.many is not None:
+        return spec.many(us, vs, ctxs)
+    return [spec.fn(u, v, c) for u, v, c in zip(us, vs, ctxs)]

@@ -196,9 +196,9 @@ def _fresh_weights(sp: ParquetSplit, batch_size: int) -> list[pa.Array]:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_consume_in_place_equals_safetensors_and_copy_path(tmp_path, dtype):
-    """decode_weight_batch(consume=True) folds the scale inside Arrow's buffer and returns views:
-    bit-equal to safetensors read directly (LoraModule.factors rules) and to the copy path, and
-    the copy path leaves its input untouched."""
+    """decode_weight_batch(consume=True) returns views of one block (the fold is the copy into
+    it; without a fold, views of Arrow's buffer itself): bit-equal to safetensors read directly
+    (LoraModule.factors rules) and to consume=False, which leaves its input untouched."""
     sp = ParquetSplit(write_split(tmp_path / "s.parquet", [4, 4, 2, 4, 4, 4], dtype, 6))
     rows_bytes = [sp.weights_bytes(i) for i in range(len(sp))]
     for fold in (True, False):
@@ -222,7 +222,7 @@ def test_consume_in_place_equals_safetensors_and_copy_path(tmp_path, dtype):
         assert shared == len(consumed)  # the in-place path was taken for every group
 
 
-def test_consume_falls_back_and_rejects_nonfinite(tmp_path, monkeypatch):
+def test_consume_falls_back_and_rejects_nonfinite(tmp_path):
     """Selection, negative scales and inf/nan in the in-place path behave like the copy path."""
     sp = ParquetSplit(write_split(tmp_path / "s.parquet", [4, 4, 4], torch.bfloat16, 3))
     pick = lambda names: [n for n in names if n.endswith("q_proj")]  # noqa: E731
@@ -240,19 +240,40 @@ def test_consume_falls_back_and_rejects_nonfinite(tmp_path, monkeypatch):
     ((_, fac),) = decode_weight_batch(arr(), consume=True)
     for name, (u, v) in fac.items():
         assert torch.equal(u[1], ref[name][0]) and torch.equal(v[1], ref[name][1])
-    bad = make_record(1, 4, torch.bfloat16)
     name = "model.layers.1.self_attn.v_proj"
-    bad.modules[name].A[2, 5] = float("-inf")
-    recs = [make_record(1, 4, torch.bfloat16), bad]
-    for whole_block_max in (decode_mod._WHOLE_BLOCK_REDUCE, 0):  # both reductions
-        monkeypatch.setattr(decode_mod, "_WHOLE_BLOCK_REDUCE", whole_block_max)
-        with pytest.raises(NonFiniteError, match="zoo:inf") as e:
-            decode_weight_batch(
-                pa.array([r.to_safetensors_bytes() for r in recs], pa.binary()),
-                ids=["ok", "inf"],
-                consume=True,
-            )
-        assert e.value.key == f"base_model.model.{name}.lora_A.weight"
+    # both integer reductions of _check_finite (signed max: +inf/nan, unsigned max: -inf/-nan),
+    # every float width, and the fold's overflow to inf (finite max * sqrt(2) > max)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+        big = torch.finfo(dtype).max
+        for value, factor in (
+            (float("-inf"), "A"),
+            (float("inf"), "B"),
+            (float("nan"), "A"),
+            (-float("nan"), "B"),
+            (big, "B"),
+        ):
+            bad = make_record(1, 4, dtype)
+            t = bad.modules[name].A if factor == "A" else bad.modules[name].B
+            t[2, 1] = value
+            recs = [make_record(1, 4, dtype), make_record(2, 4, dtype), bad]
+            for consume in (True, False):
+                with pytest.raises(NonFiniteError, match="zoo:inf") as e:
+                    decode_weight_batch(
+                        pa.array([r.to_safetensors_bytes() for r in recs], pa.binary()),
+                        [json.dumps(recs[0].config)] * 3,
+                        ids=["ok", "ok2", "inf"],
+                        consume=consume,
+                    )
+                assert e.value.key == f"base_model.model.{name}.lora_{factor}.weight", (
+                    dtype,
+                    value,
+                )
+        # the largest finite value without a fold is fine (not an overflow)
+        fine = make_record(1, 4, dtype)
+        fine.modules[name].B[0, 0] = big
+        decode_weight_batch(
+            pa.array([fine.to_safetensors_bytes()] * 2, pa.binary()), fold_scale=False
+        )
 
 
 def test_iterable_batches_equal_safetensors_read_directly(split):
