@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -74,6 +75,13 @@ class TinyPipeline(BaseModel):
     resolution: int = 32
     scheduler: Literal["ddpm", "ddim"] = "ddpm"
     num_train_timesteps: int = 1000
+    # A random VAE's posterior std is ~1 (log-variance ~0) and SD's scaling factor 0.18215 was
+    # fitted to SD's trained VAE, so by default image content is a few % of a training latent and
+    # the LoRAs barely depend on their images (fine for a smoke test). ``vae_posterior_std`` fixes
+    # the posterior std (0: the mean, as a trained VAE nearly is) and ``vae_scaling_factor`` brings
+    # the latents to about unit scale: a tiny zoo whose LoRAs carry their data (t2i-quickstart).
+    vae_posterior_std: float | None = Field(None, ge=0)  # None: the random VAE's own
+    vae_scaling_factor: float = Field(0.18215, gt=0)
 
 
 BaseModelSpec = Annotated[HubPipeline | TinyPipeline, Field(discriminator="kind")]
@@ -256,7 +264,15 @@ def build_tiny_pipeline(spec: TinyPipeline, cache_dir: str | os.PathLike[str]):
             layers_per_block=2 if spec.preset == "sd14" else 1,
             norm_num_groups=min(32, min(spec.vae_channels)),
             sample_size=spec.resolution,
+            scaling_factor=spec.vae_scaling_factor,
         )
+    if spec.vae_posterior_std is not None:
+        # quant_conv's second half of channels is the log-variance: make it the constant
+        # 2 log(std) (diffusers clamps log-variance to >= -30, std ~3e-7, for std 0)
+        lat, std = spec.latent_channels, spec.vae_posterior_std
+        with torch.no_grad():
+            vae.quant_conv.weight[lat:].zero_()
+            vae.quant_conv.bias[lat:].fill_(2 * math.log(std) if std > 0 else -30.0)
     with seeded_init(spec.seed + 2):
         text = CLIPTextModel(
             CLIPTextConfig(
