@@ -119,6 +119,13 @@ def infer_task(zoo: Any, columns: list[str], train_labels: dict[str, Any]) -> Ta
             kinds.add("multiclass" if len(vals) <= 20 else "regression")
         elif pa.types.is_integer(t) or pa.types.is_floating(t):
             kinds.add("regression")
+        elif pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+            raise SelectionError(
+                f"cannot learn a list column ({t}) as one target: bench the per-label columns "
+                "instead (e.g. --target 'in_group.*'; text-to-image recipes write them with "
+                "builder_args.in_group_columns: true)",
+                key=c,
+            )
         else:
             raise SelectionError(f"cannot learn a target of type {t}", key=c)
     if len(kinds) != 1 or ("multiclass" in kinds and len(columns) != 1):

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lora_zoo.cli import main
-from lora_zoo.errors import DeviceUnavailableError
+from lora_zoo.errors import DeviceUnavailableError, SelectionError
 from lora_zoo.load.collate import collate_loras
 from lora_zoo.load.datasets import LoraDataset, LoraIterableDataset
 from lora_zoo.lol.bench import TrainConfig, run_bench
@@ -156,6 +156,11 @@ def test_bench_classification_and_errors(small_zoo, tmp_path):
     assert res["task"] == "binary" and (tmp_path / "r.json").is_file()
     t = next(r for r in res["runs"] if r["model"] == "transformer")
     assert 0.0 <= t["summary"]["auroc"]["mean"] <= 1.0 and "is_even" in t["summary"]["per_label"]
+    # a list column (a membership vector) is not one target: the error names the column and
+    # points at the per-label columns
+    with pytest.raises(SelectionError, match="per-label columns") as ei:
+        run_bench(small_zoo, "seen_groups", models=["baseline"], repeats=1, write=False)
+    assert ei.value.key == "seen_groups"
     if not torch.cuda.is_available():
         with pytest.raises(DeviceUnavailableError, match="CUDA"):
             run_bench(small_zoo, "eval_loss", device="cuda", write=False)
