@@ -391,15 +391,8 @@ class LoraIterableDataset(_ZooViews, IterableDataset):
     def _blocks(self) -> list[tuple[int, int]]:
         """Global (start, stop) of each row group (the unit of reading and of the shuffle)."""
         sp = self.split
-        if hasattr(sp, "_file") and hasattr(sp, "_starts"):
-            out = []
-            for k in range(len(sp._starts) - 1):
-                if sp._starts[k + 1] == sp._starts[k]:
-                    continue
-                sp._file(k)
-                rg = sp._rg_starts[k]
-                out += [(sp._starts[k] + a, sp._starts[k] + b) for a, b in zip(rg, rg[1:])]
-            return out
+        if hasattr(sp, "row_group_ranges"):
+            return sp.row_group_ranges()
         n, step = len(sp), max(1, self.read_batch_size)
         return [(a, min(a + step, n)) for a in range(0, n, step)]
 
@@ -430,21 +423,10 @@ class LoraIterableDataset(_ZooViews, IterableDataset):
         import pyarrow as pa
 
         sp = self.split
-        real = hasattr(sp, "_file") and hasattr(sp, "_starts")
+        real = hasattr(sp, "read_rows")
         whole = None if real else sp.table(columns=cols)
         for a, b in ranges:
-            if real:
-                parts = []
-                i = a
-                while i < b:
-                    k, g, off = sp._locate(i)
-                    rg = sp._rg_starts[k]
-                    take = min(b - i, rg[g + 1] - rg[g] - off)
-                    parts.append(sp._file(k).read_row_group(g, columns=cols).slice(off, take))
-                    i += take
-                t = parts[0] if len(parts) == 1 else pa.concat_tables(parts)
-            else:
-                t = whole.slice(a, b - a)
+            t = sp.read_rows(a, b, cols) if real else whole.slice(a, b - a)
             yield t.append_column(_ROW, pa.array(range(a, b), pa.int64()))
 
     def _rows(self, tables: Iterator[Any], me: int) -> Iterator[Any]:

@@ -105,6 +105,38 @@ class ZooSplit:
         g = bisect.bisect_right(starts, local) - 1
         return k, g, local - starts[g]
 
+    # ---- row-group access (the unit streaming readers shuffle and split) ---------------------
+    def row_group_ranges(self) -> list[tuple[int, int]]:
+        """Global (start, stop) of every non-empty row group, in order. Reads each shard's
+        footer once (cached), never its data."""
+        out: list[tuple[int, int]] = []
+        for k in range(len(self._shards)):
+            if self._starts[k + 1] == self._starts[k]:
+                continue
+            self._file(k)
+            rg = self._rg_starts[k]
+            out += [(self._starts[k] + a, self._starts[k] + b) for a, b in zip(rg, rg[1:]) if b > a]
+        return out
+
+    def read_rows(self, start: int, stop: int, columns: Sequence[str] | None = None) -> pa.Table:
+        """Rows [start, stop) read row group by row group (uncached: a streaming read touches
+        each row group once), as one table whose columns may be chunked across row groups."""
+        if not 0 <= start <= stop <= len(self):
+            raise IndexError(f"rows [{start}, {stop}) out of range for split {self.name!r}")
+        cols = self._check_columns(columns)
+        parts = []
+        i = start
+        while i < stop:
+            k, g, off = self._locate(i)
+            rg = self._rg_starts[k]
+            take = min(stop - i, rg[g + 1] - rg[g] - off)
+            parts.append(self._file(k).read_row_group(g, columns=cols).slice(off, take))
+            i += take
+        if not parts:
+            sch = self.zoo.schema
+            return (sch if cols is None else pa.schema([sch.field(c) for c in cols])).empty_table()
+        return parts[0] if len(parts) == 1 else pa.concat_tables(parts)
+
     def _row_group(self, k: int, g: int, columns: tuple[str, ...]) -> pa.Table:
         key = (k, g, columns)
         if key in self._cache:

@@ -150,3 +150,24 @@ def test_streaming_flag_reads_lazily(zoo_dir):
     assert s._files == {}  # nothing opened before the first read
     n = sum(b.num_rows for b in s.iter_batches(["lora_id"], batch_size=2))
     assert n == len(s) == 7
+
+
+def test_row_group_ranges_and_read_rows_agree_with_the_table(tmp_path):
+    """The public row-group API the streaming loaders use: ranges tile the split in order, and
+    any [start, stop), across row groups and shards, reads what the whole table holds there."""
+    root = make_zoo(tmp_path / "z", n=16, shard_max_rows=5)
+    for f in (root / "data").glob("*.parquet"):  # several row groups per shard (sha not checked)
+        pq.write_table(pq.read_table(f), f, row_group_size=2)
+    sp = load_zoo(root)["train"]
+    ranges = sp.row_group_ranges()
+    assert ranges[0][0] == 0 and ranges[-1][1] == len(sp)
+    assert all(a < b for a, b in ranges) and all(
+        b == c for (_, b), (c, _) in zip(ranges, ranges[1:])
+    )
+    assert len(ranges) > len(sp.shard_paths)  # several row groups per shard
+    whole = sp.table(columns=["lora_id", "weights"])
+    for a, b in [(0, len(sp)), (1, 4), (3, 12), (7, 7), (len(sp) - 1, len(sp))]:
+        got = sp.read_rows(a, b, ["lora_id", "weights"])
+        assert got.num_rows == b - a and got.equals(whole.slice(a, b - a))
+    with pytest.raises(IndexError):
+        sp.read_rows(3, len(sp) + 1)
