@@ -20,8 +20,8 @@ def ref_svals(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 def ref_canonical(u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Balanced factors from the dense SVD, ΔW = X S Y^T: U' = X_r sqrt(S_r), V' = Y_r sqrt(S_r),
-    with the same documented sign rule v2 (column sum positive; where the sum is within
-    16 * eps * ||column||_1 of zero, the largest-|.| entry positive) and the same zero threshold
+    with the same documented sign rule v3 (column sum positive; where the sum is within
+    16 * eps * ||column||_2 of zero, the largest-|.| entry positive) and the same zero threshold
     (sigma_max * max(max(n, m) * eps_f64, sqrt(r) * eps_stored))."""
     n, m, r = u.shape[0], v.shape[0], u.shape[-1]
     eps = max(torch.finfo(torch.float64).eps, torch.finfo(u.dtype).eps)
@@ -37,7 +37,7 @@ def ref_canonical(u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch
     for j in range(k):
         col = uc[:, j]
         total = float(col.sum())
-        if abs(total) > 16 * eps * float(col.abs().sum()):
+        if abs(total) > 16 * eps * float(col.norm()):
             flip = total < 0
         else:
             i = int(col.abs().argmax())  # (a positive entry wins an exact +x/-x tie)
