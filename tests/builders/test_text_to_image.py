@@ -21,7 +21,12 @@ from lora_zoo.builders.text_to_image.data import (
     preprocess,
     read_attribute_table,
 )
-from lora_zoo.builders.text_to_image.eval import ClipScorer, TinyClip, generate_grouped
+from lora_zoo.builders.text_to_image.eval import (
+    ClipScorer,
+    TinyClip,
+    _as_tensor,
+    generate_grouped,
+)
 from lora_zoo.builders.text_to_image.pipeline import (
     TinyPipeline,
     load_pipeline,
@@ -255,13 +260,9 @@ class _Tensors(torch.nn.Module):
         self.model, self.config = model, model.config
 
     def get_image_features(self, *a, **k):
-        from builders.text_to_image.eval import _as_tensor
-
         return _as_tensor(self.model.get_image_features(*a, **k))
 
     def get_text_features(self, *a, **k):
-        from builders.text_to_image.eval import _as_tensor
-
         return _as_tensor(self.model.get_text_features(*a, **k))
 
 

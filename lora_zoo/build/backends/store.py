@@ -27,7 +27,7 @@ import json
 import logging
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from lora_zoo.errors import BuildError
@@ -56,12 +56,7 @@ class StoreRef:
     weights_bytes: int
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "url": self.url,
-            "key": self.key,
-            "weights_sha256": self.weights_sha256,
-            "weights_bytes": self.weights_bytes,
-        }
+        return asdict(self)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> StoreRef:
