@@ -101,6 +101,17 @@ def _hist(ax: Any, values: np.ndarray, title: str, color: str) -> None:
     ax.tick_params(labelsize=8)
 
 
+def _save(fig: Any, path: Path) -> None:
+    """PNG bytes in memory, then one atomic write that never follows a link (``_io``)."""
+    import io
+
+    from lora_zoo._io import atomic_write_bytes
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=_DPI)
+    atomic_write_bytes(path, buf.getvalue(), root=path.parent)
+
+
 def plot_labels(zoo: Any, path: Path, max_panels: int = 12) -> Path | None:
     cols = _numeric_columns(zoo, zoo[zoo.splits[0]].label_columns) if zoo.splits else {}
     if not cols:
@@ -112,7 +123,7 @@ def plot_labels(zoo: Any, path: Path, max_panels: int = 12) -> Path | None:
         extra = f"  (mean {fin.mean():.3g})" if fin.size else ""
         _hist(ax, vals, f"{name}{extra}", "#3b7dd8")
     fig.suptitle(f"Label distributions ({len(next(iter(cols.values())))} LoRAs)")
-    fig.savefig(path, dpi=_DPI)
+    _save(fig, path)
     return path
 
 
@@ -141,7 +152,7 @@ def plot_hparams(zoo: Any, path: Path, max_panels: int = 9) -> Path | None:
     for ax, (name, vals) in zip(axes, panels):
         _hist(ax, vals, name, "#d8703b")
     fig.suptitle("Ranks, alphas and training hyperparameters")
-    fig.savefig(path, dpi=_DPI)
+    _save(fig, path)
     return path
 
 
@@ -206,7 +217,7 @@ def plot_spectra(zoo: Any, path: Path, max_loras: int = 64, max_panels: int = 12
         ax.tick_params(labelsize=8)
         ax.legend(fontsize=7, loc="upper right")
     fig.suptitle("Singular-value spectra of ΔW = (α/r)·B·A per module family")
-    fig.savefig(path, dpi=_DPI)
+    _save(fig, path)
     return path
 
 
@@ -234,14 +245,16 @@ def plot_bench(zoo: Any, path: Path) -> Path | None:
     ax.set_xticks(np.arange(len(runs)), names, fontsize=7)
     ax.set_ylabel(f"test {prim}")
     ax.set_title(f"lora-zoo bench: {res.get('target')} ({res.get('repeats')} seeds)", fontsize=10)
-    fig.savefig(path, dpi=_DPI)
+    _save(fig, path)
     return path
 
 
 def make_plots(zoo: Any, out_dir: str | Path, max_loras: int = 64) -> dict[str, str]:
     """Draw every plot that has data into ``out_dir``; {kind: file name}."""
+    from lora_zoo._io import safe_mkdirs
+
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    safe_mkdirs(out_dir.parent, out_dir.name)  # a symlinked plots/ must not redirect the PNGs
     made: dict[str, str] = {}
     kinds = (("labels", plot_labels), ("spectra", plot_spectra), ("hparams", plot_hparams),
              ("bench", plot_bench))  # fmt: skip

@@ -448,6 +448,9 @@ def write_card(
     from lora_zoo.load.source import load_zoo
 
     root = Path(root)
+    from lora_zoo._io import safe_mkdirs
+
+    safe_mkdirs(root)  # the card and its plots are written into a real folder, not via a link
     zoo = load_zoo(root)
     made: dict[str, str] = {}
     if plots:
@@ -455,7 +458,7 @@ def write_card(
 
         made = make_plots(zoo, root / "plots")
     text = render_card(zoo, plots=made, template=template, repo_id=repo_id)
-    atomic_write_bytes(root / README_NAME, text.encode("utf-8"))
+    atomic_write_bytes(root / README_NAME, text.encode("utf-8"), root=root)
     log.info("wrote %s (%d plots)", root / README_NAME, len(made))
     return root / README_NAME
 

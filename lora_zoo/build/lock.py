@@ -20,7 +20,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from lora_zoo._io import atomic_write_bytes
+from lora_zoo._io import atomic_write_bytes, safe_mkdirs
 from lora_zoo.errors import BuildError
 
 LOCK_NAME = ".lock"
@@ -31,8 +31,7 @@ OWNER_NAME = ".lock.owner"
 def work_dir_lock(root: str | os.PathLike[str], timeout: float = 0.0) -> Iterator[None]:
     """Hold ``root``'s lock for the enclosed build; refuse at once (``timeout`` seconds) when
     another process holds it, naming that process."""
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
+    root = safe_mkdirs(Path(root))
     lock = FileLock(str(root / LOCK_NAME))
     try:
         lock.acquire(timeout=timeout)
@@ -51,7 +50,7 @@ def work_dir_lock(root: str | os.PathLike[str], timeout: float = 0.0) -> Iterato
     try:
         note = {"pid": os.getpid(), "host": socket.gethostname(),
                 "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}  # fmt: skip
-        atomic_write_bytes(root / OWNER_NAME, json.dumps(note).encode())
+        atomic_write_bytes(root / OWNER_NAME, json.dumps(note).encode(), root=root)
         yield
     finally:
         (root / OWNER_NAME).unlink(missing_ok=True)

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from lora_zoo._io import atomic_write_bytes
+from lora_zoo._io import atomic_write_bytes, read_regular
 from lora_zoo.build import plan as planlib
 from lora_zoo.build.api import JobSpec
 from lora_zoo.build.workdir import (
@@ -244,7 +244,7 @@ def pack(
         binfo = metas[0]["builder"]
         dev = device or ("cuda" if env.gpu_names() else "cpu")
         w.set_info(
-            recipe=(wds[0].root / "recipe.orig.yaml").read_text(encoding="utf-8"),
+            recipe=read_regular(wds[0].root / "recipe.orig.yaml", root=wds[0].root).decode(),
             recipe_resolved=resolved,
             recipe_sha256=metas[0]["recipe_sha256"],
             jobs=[jobs[i].to_dict() for i in sorted(jobs)],
@@ -262,14 +262,15 @@ def pack(
         w.abort()
         raise
     manifest = w.close()
-    atomic_write_bytes(root / "recipe.yaml", yaml.safe_dump(resolved, sort_keys=False).encode())
-    atomic_write_bytes(
-        root / "jobs.jsonl", planlib.jobs_to_jsonl([jobs[i] for i in sorted(jobs)]).encode()
-    )
+    resolved_text = yaml.safe_dump(resolved, sort_keys=False)
+    atomic_write_bytes(root / "recipe.yaml", resolved_text.encode(), root=root)
+    jobs_text = planlib.jobs_to_jsonl([jobs[i] for i in sorted(jobs)])
+    atomic_write_bytes(root / "jobs.jsonl", jobs_text.encode(), root=root)
     # the environment as a file pip can install (the manifest's provenance holds the same data)
     atomic_write_bytes(
         root / env.REQUIREMENTS_NAME,
         env.requirements_text(prov["environment"], source=str(root.name)).encode(),
+        root=root,
     )
     try:
         from lora_zoo.cards import write_card

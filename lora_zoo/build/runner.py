@@ -307,9 +307,9 @@ def _zoo_is_current(
 
 
 def _local_fs(root: Path) -> tuple[Any, str]:
-    import fsspec
+    from lora_zoo._io import local_fs
 
-    return fsspec.filesystem("file"), str(root.resolve())
+    return local_fs(root.resolve()), str(root.resolve())
 
 
 def _build(

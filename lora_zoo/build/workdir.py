@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from lora_zoo._io import atomic_write_bytes
+from lora_zoo._io import atomic_write_bytes, check_write_target, read_regular, safe_mkdirs
 from lora_zoo.build import plan as planlib
 from lora_zoo.build.api import JobSpec, TrainedLora
 from lora_zoo.build.recipe import Recipe
@@ -145,27 +145,31 @@ class WorkDir:
             if old["builder"]["source_sha256"] != builder["source_sha256"]:
                 log.warning("builder source changed since this build started (%s)", bj)
             return
-        self.loras.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(self.root / "recipe.yaml", recipe.resolved_yaml().encode())
-        atomic_write_bytes(self.root / "recipe.orig.yaml", recipe.text.encode())
-        atomic_write_bytes(self.root / "jobs.jsonl", planlib.jobs_to_jsonl(jobs).encode())
-        atomic_write_bytes(bj, json.dumps(meta, indent=1, sort_keys=True).encode())
+        safe_mkdirs(self.root, "loras")  # a symlinked work dir / loras/ must not redirect writes
+        r = self.root
+        atomic_write_bytes(r / "recipe.yaml", recipe.resolved_yaml().encode(), root=r)
+        atomic_write_bytes(r / "recipe.orig.yaml", recipe.text.encode(), root=r)
+        atomic_write_bytes(r / "jobs.jsonl", planlib.jobs_to_jsonl(jobs).encode(), root=r)
+        atomic_write_bytes(bj, json.dumps(meta, indent=1, sort_keys=True).encode(), root=r)
 
     def meta(self) -> dict[str, Any]:
         p = self.root / "build.json"
         if not p.exists():
             raise BuildError("not a build work dir (no build.json)", file=self.root)
-        return json.loads(p.read_text())
+        return json.loads(read_regular(p, root=self.root))
 
     def jobs(self) -> list[JobSpec]:
-        return planlib.jobs_from_jsonl((self.root / "jobs.jsonl").read_text())
+        return planlib.jobs_from_jsonl(
+            read_regular(self.root / "jobs.jsonl", root=self.root).decode()
+        )
 
     def resolved(self) -> dict[str, Any]:
-        return yaml.safe_load((self.root / "recipe.yaml").read_text())
+        return yaml.safe_load(read_regular(self.root / "recipe.yaml", root=self.root).decode())
 
     # ---- state log ----------------------------------------------------------------------------
     def append(self, index: int, state: str, **kw: Any) -> None:
         line = json.dumps({"i": index, "state": state, **kw}, sort_keys=True) + "\n"
+        check_write_target(self.log_path, root=self.root)
         with open(self.log_path, "a", encoding="utf-8") as f:
             f.write(line)
             f.flush()
@@ -176,7 +180,8 @@ class WorkDir:
         states: dict[int, JobState] = {}
         if not self.log_path.exists():
             return states
-        for line in self.log_path.read_text(encoding="utf-8").splitlines():
+        raw = read_regular(self.log_path, root=self.root).decode("utf-8", "replace")
+        for line in raw.splitlines():
             try:
                 ev = json.loads(line)
             except json.JSONDecodeError:
@@ -198,8 +203,8 @@ class WorkDir:
     def write_result(self, tl: TrainedLora, weights: bytes) -> None:
         st_path, js_path = self._paths(tl.job.index)
         text = json.dumps(result_doc(tl, weights), sort_keys=True, allow_nan=True)
-        atomic_write_bytes(st_path, weights)
-        atomic_write_bytes(js_path, text.encode())
+        atomic_write_bytes(st_path, weights, root=self.root)
+        atomic_write_bytes(js_path, text.encode(), root=self.root)
 
     def write_ref(self, doc: dict[str, Any], ref: dict[str, Any]) -> None:
         """Record a LoRA that a worker put into a ``--store`` (see backends/store.py): only the
@@ -207,14 +212,15 @@ class WorkDir:
         _, js_path = self._paths(int(doc["index"]))
         full = {**doc, "weights_sha256": ref["weights_sha256"], "store": dict(ref)}
         full.pop("weights_bytes", None)
-        atomic_write_bytes(js_path, json.dumps(full, sort_keys=True, allow_nan=True).encode())
+        blob = json.dumps(full, sort_keys=True, allow_nan=True).encode()
+        atomic_write_bytes(js_path, blob, root=self.root)
 
     def _read_doc(self, index: int) -> dict[str, Any] | None:
         _, js_path = self._paths(index)
         if not js_path.exists():
             return None
         try:
-            return json.loads(js_path.read_text())
+            return json.loads(read_regular(js_path, root=self.root))
         except json.JSONDecodeError:
             return None
 

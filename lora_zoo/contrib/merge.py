@@ -17,6 +17,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from lora_zoo._io import atomic_write_bytes
 from lora_zoo.errors import IncompatibleBaseModelError
 from lora_zoo.load.source import load_zoo
 from lora_zoo.zoo.reader import Zoo
@@ -142,4 +143,4 @@ def _write_configs_card(out: Path, configs: dict[str, str]) -> None:
     lines += [
         f"- `{c}`: base model `{b}` (a full zoo in `configs/{c}/`)" for c, b in configs.items()
     ]
-    (out / "README.md").write_text("\n".join(lines) + "\n")
+    atomic_write_bytes(out / "README.md", ("\n".join(lines) + "\n").encode(), root=out)

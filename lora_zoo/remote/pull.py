@@ -26,13 +26,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import fsspec
-
 from lora_zoo._io import (
     atomic_write_bytes,
     cache_root,
+    check_write_target,
+    create_exclusive,
     fsync_dir,
+    local_fs,
     resolve_under,
+    safe_mkdirs,
     safe_relpath,
     sha256_local,
     tmp_path_for,
@@ -79,18 +81,26 @@ def download_file(
     name: str | None = None,
     chunk: int = 8 << 20,
     max_bytes: int | None = None,
+    root: Path | None = None,
 ) -> None:
     """Stream ``src`` to ``dst`` (temp + rename), checking sha256 / size when given.
 
     The download stops as soon as more bytes arrive than declared (``size``) or allowed
     (``max_bytes``, for files the manifest does not size): a hostile remote cannot fill the
     disk by lying about a file, and nothing unverified is ever renamed into place."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    if root is not None:  # every folder below the destination: created here, never a link
+        safe_mkdirs(root, dst.parent.relative_to(root).as_posix() if dst.parent != root else "")
+    else:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+    check_write_target(dst, root=root)
     tmp = tmp_path_for(dst)
     h, n = hashlib.sha256(), 0
     limit = size if size is not None else max_bytes
     try:
-        with fs.open(src, "rb", block_size=0 if _is_hf(fs) else None) as fin, open(tmp, "wb") as fo:
+        with (
+            fs.open(src, "rb", block_size=0 if _is_hf(fs) else None) as fin,
+            create_exclusive(tmp) as fo,
+        ):
             while True:
                 b = fin.read(chunk)
                 if not b:
@@ -173,8 +183,7 @@ def download_zoo(
 
     if manifest is None or manifest_bytes is None:
         manifest, manifest_bytes = read_remote_manifest(fs, root)
-    dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
+    dest = safe_mkdirs(Path(dest))
     files = zoo_files(manifest)
     wanted = dict(files)
     wanted.setdefault(README_NAME, {"sha256": None, "size": None})
@@ -201,8 +210,11 @@ def download_zoo(
         if rel == README_NAME and not fs.exists(src):
             continue
         download_file(fs, src, local, sha256=meta["sha256"], size=meta["size"], name=rel,
-                      max_bytes=None if meta["size"] is not None else unlisted_max_bytes)  # fmt: skip
-    atomic_write_bytes(dest / MANIFEST_NAME, manifest_bytes)  # last: dest is a zoo only now
+                      max_bytes=None if meta["size"] is not None else unlisted_max_bytes,
+                      root=dest)  # fmt: skip
+    atomic_write_bytes(
+        dest / MANIFEST_NAME, manifest_bytes, root=dest
+    )  # last: dest is a zoo only now
     return dest
 
 
@@ -290,8 +302,8 @@ def locate(
         fs, root, sha = resolve_hub(spec, endpoint, token)
     else:
         fs, root = resolve_fsspec(spec, storage_options)
-    local_fs = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
-    if local_fs:
+    on_disk = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+    if on_disk:
         return ZooLocation(fs, root, source, streaming=streaming)
     manifest, raw = read_remote_manifest(fs, root)
     if streaming:
@@ -308,8 +320,8 @@ def locate(
         log.info("pulling %s into %s", source, dest)
         download_zoo(fs, root, dest, manifest=manifest, manifest_bytes=raw, progress=progress)
         marker = json.dumps({"source": source, "revision": sha}) + "\n"
-        atomic_write_bytes(dest / _COMPLETE, marker.encode())
-    return ZooLocation(fsspec.filesystem("file"), str(dest), source, revision=sha)
+        atomic_write_bytes(dest / _COMPLETE, marker.encode(), root=dest)
+    return ZooLocation(local_fs(dest), str(dest), source, revision=sha)
 
 
 def verify_source(

@@ -100,9 +100,9 @@ def _check_local(root: Path) -> dict[str, Any]:
 
 
 def _local(root: Path):
-    import fsspec
+    from lora_zoo._io import local_fs
 
-    return fsspec.filesystem("file"), str(root.resolve())
+    return local_fs(root.resolve()), str(root.resolve())
 
 
 def push(

@@ -15,6 +15,7 @@ from typing import Any
 from urllib.parse import unquote
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 from lora_zoo.errors import PathEscapeError, RemoteError
 
@@ -143,6 +144,10 @@ def resolve_fsspec(spec: RemoteSpec, storage_options: dict[str, Any] | None = No
     if spec.revision is not None:
         raise RemoteError("revision= only applies to Hub repos", file=spec.url, key="revision")
     fs, root = fsspec.core.url_to_fs(spec.url, **(storage_options or {}))
+    if isinstance(fs, LocalFileSystem):  # file://: read under the no-follow rule like any zoo
+        from lora_zoo._io import local_fs
+
+        fs = local_fs(root)
     fs.invalidate_cache()  # a cached listing (sizes, ETags) may predate another writer's push
     return fs, root.rstrip("/")
 

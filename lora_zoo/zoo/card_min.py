@@ -45,7 +45,7 @@ def render_minimal_card(manifest: Mapping[str, Any]) -> str:
 
 def write_minimal_card(root: Any, manifest: Mapping[str, Any]) -> None:
     """Write README.md atomically (replaceable by the card renderer)."""
-    atomic_write_bytes(Path(root) / README_NAME, render_minimal_card(manifest).encode())
+    atomic_write_bytes(Path(root) / README_NAME, render_minimal_card(manifest).encode(), root=root)
 
 
 __all__ = ["configs_header", "render_minimal_card", "write_minimal_card"]

@@ -19,7 +19,15 @@ from typing import Any
 import fsspec
 import pyarrow.parquet as pq
 
-from lora_zoo._io import TMP_SUFFIX, atomic_write_bytes, safe_relpath, sha256_file
+from lora_zoo._io import (
+    TMP_SUFFIX,
+    atomic_write_bytes,
+    check_case_collisions,
+    load_untrusted_yaml,
+    local_fs,
+    safe_relpath,
+    sha256_file,
+)
 from lora_zoo.errors import ZooFormatError
 from lora_zoo.zoo.schema import (
     DATA_DIR,
@@ -54,7 +62,8 @@ def as_fs(root_or_fs: Any, root: str | os.PathLike[str] | None = None):
         if root is None:
             raise ValueError("a filesystem needs a root path")
         return root_or_fs, str(root).rstrip("/")
-    return fsspec.filesystem("file"), str(Path(root_or_fs).resolve())
+    root_path = str(Path(root_or_fs).resolve())
+    return local_fs(root_path), root_path
 
 
 def join(root: str, rel: str) -> str:
@@ -63,7 +72,7 @@ def join(root: str, rel: str) -> str:
 
 def write_manifest(root: str | os.PathLike[str], manifest: Mapping[str, Any]) -> None:
     data = json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"
-    atomic_write_bytes(Path(root) / MANIFEST_NAME, data.encode())
+    atomic_write_bytes(Path(root) / MANIFEST_NAME, data.encode(), root=root)
 
 
 # ---- reading + structural validation -----------------------------------------------------------
@@ -132,6 +141,11 @@ def validate_manifest(m: Any, *, file: str) -> dict[str, Any]:
                 where,
                 " / ".join(missing),
             )
+    listed = [(f"splits.{s}.shards.{i}.path", sh["path"]) for s, sp in m["splits"].items()
+              for i, sh in enumerate(sp["shards"])]  # fmt: skip
+    listed += [(f"named_splits.{n}.path", ns.get("path", f"{SPLITS_DIR}/{n}.json"))
+               for n, ns in named.items()]  # fmt: skip
+    check_case_collisions(listed, file=file)
     m.setdefault("info", {})
     return m
 
@@ -255,8 +269,6 @@ def _check_named_splits(fs, root: str, m: Mapping[str, Any], ids: set[str]) -> l
 def _check_readme(fs, root: str, m: Mapping[str, Any]) -> list[str]:
     """The README's `configs:` must list exactly the manifest's shards, or the Hub and
     ``datasets.load_dataset`` would read different rows than lora_zoo does."""
-    import yaml
-
     path = join(root, README_NAME)
     if not fs.exists(path):
         return [f"{README_NAME}: missing (datasets.load_dataset needs its configs header)"]
@@ -265,9 +277,9 @@ def _check_readme(fs, root: str, m: Mapping[str, Any]) -> list[str]:
     if not text.startswith("---"):
         return [f"{README_NAME}: no YAML header with configs"]
     try:
-        header = yaml.safe_load(text.split("---", 2)[1]) or {}
-    except yaml.YAMLError as e:
-        return [f"{README_NAME}: YAML header does not parse ({e})"]
+        header = load_untrusted_yaml(text.split("---", 2)[1], file=README_NAME, key="header") or {}
+    except ZooFormatError as e:
+        return [str(e)]
     # the card is text from strangers: every level of the header may be any YAML type
     configs = header.get("configs") if isinstance(header, dict) else None
     if not isinstance(configs, list) or not all(isinstance(c, dict) for c in configs):

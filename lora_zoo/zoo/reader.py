@@ -20,6 +20,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from lora_zoo._io import local_fs, map_regular
 from lora_zoo.errors import IntegrityError, SelectionError
 from lora_zoo.record import LoraRecord
 from lora_zoo.zoo.manifest import join, read_manifest
@@ -75,7 +76,7 @@ class ZooSplit:
         if k not in self._files:
             path = join(self.zoo.root, self._shards[k]["path"])
             if self.zoo.is_local:
-                pf = pq.ParquetFile(path, memory_map=True)
+                pf = pq.ParquetFile(pa.py_buffer(map_regular(path, root=self.zoo.root)))
             else:
                 pf = pq.ParquetFile(self.zoo.fs.open(path, "rb"))
             if pf.metadata.num_rows != int(self._shards[k]["num_rows"]):
@@ -346,9 +347,10 @@ def is_local(source: str | os.PathLike[str]) -> bool:
 
 def open_local(path: str | os.PathLike[str], *, streaming: bool = False) -> Zoo:
     """The ``Zoo`` in a local folder (``lora_zoo.load_zoo`` also takes Hub ids and URLs)."""
+    root = os.path.abspath(os.path.expanduser(os.fspath(path)))
     return Zoo(
-        fsspec.filesystem("file"),
-        os.path.abspath(os.path.expanduser(os.fspath(path))),
+        local_fs(root),
+        root,
         source=os.fspath(path),
         streaming=streaming,
     )

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from lora_zoo._io import atomic_write_bytes, sha256_file, stable_permutation
+from lora_zoo._io import atomic_write_bytes, safe_mkdirs, sha256_file, stable_permutation
 from lora_zoo.errors import DuplicateIdError, SelectionError, ZooFormatError
 from lora_zoo.zoo.manifest import join, read_manifest, write_manifest
 from lora_zoo.zoo.schema import SPLITS_DIR, check_named_split_name, check_split_name
@@ -180,9 +180,9 @@ def save_named_split(
             seen.add(lid)
         order = {s: k for k, s in enumerate(zoo.splits)}
         clean[split] = sorted(members, key=lambda x: (order[known[x][0]], known[x][1]))
-    (root / SPLITS_DIR).mkdir(exist_ok=True)
+    safe_mkdirs(root, SPLITS_DIR)
     data = (json.dumps(clean, indent=1) + "\n").encode()
-    atomic_write_bytes(root / rel, data)
+    atomic_write_bytes(root / rel, data, root=root)
     fs, r = zoo.fs, zoo.root
     manifest = read_manifest(fs, r)
     digest, size = sha256_file(fs, join(r, rel))

@@ -24,7 +24,18 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lora_zoo._io import TMP_SUFFIX, atomic_write_bytes, fsync_dir, sha256_file, tmp_path_for
+from lora_zoo._io import (
+    TMP_SUFFIX,
+    atomic_write_bytes,
+    check_write_target,
+    fsync_dir,
+    map_regular,
+    open_regular,
+    read_regular,
+    safe_mkdirs,
+    sha256_file,
+    tmp_path_for,
+)
 from lora_zoo.errors import DuplicateIdError, SchemaConflictError, ZooFormatError
 from lora_zoo.record import LoraRecord
 from lora_zoo.zoo.card_min import write_minimal_card
@@ -87,6 +98,8 @@ def open_shard_writer(path: Path, schema: pa.Schema) -> pq.ParquetWriter:
                 stats.append(p)
             if f.name not in ("weights", "lora_id"):
                 dict_cols.append(p)
+    check_write_target(path)  # the temp name: never a link someone planted
+    Path(path).unlink(missing_ok=True)
     return pq.ParquetWriter(
         str(path),
         schema,
@@ -110,7 +123,8 @@ def conform_table(table: pa.Table, schema: pa.Schema) -> pa.Table:
 
 
 def _finish_file(tmp: Path, final: Path) -> None:
-    with open(tmp, "rb+") as f:
+    check_write_target(final)
+    with open_regular(tmp) as f:
         os.fsync(f.fileno())
     os.replace(tmp, final)
     fsync_dir(final.parent)
@@ -208,7 +222,7 @@ class ZooWriter:
                 )
         else:
             self._load_existing()
-        data.mkdir(parents=True, exist_ok=True)
+        safe_mkdirs(self.root, DATA_DIR)  # a symlinked data/ must not redirect the shards
 
     def _load_existing(self) -> None:
         m = read_manifest(*_local(self.root))
@@ -443,7 +457,7 @@ class ZooWriter:
             self._superseded.append(src)
         dst = self.root / rel
         tmp = tmp_path_for(dst)
-        pf = pq.ParquetFile(src)
+        pf = pq.ParquetFile(pa.py_buffer(map_regular(src, root=self.root)))
         w = open_shard_writer(tmp, schema)
         for i in range(pf.num_row_groups):  # keep row-group boundaries
             t = conform_table(pf.read_row_group(i), schema)
@@ -472,7 +486,9 @@ class ZooWriter:
         manifest = self._manifest(schema)
         write_minimal_card(self.root, manifest)
         atomic_write_bytes(
-            self.root / CROISSANT_NAME, croissant_bytes(manifest, name=self.root.resolve().name)
+            self.root / CROISSANT_NAME,
+            croissant_bytes(manifest, name=self.root.resolve().name),
+            root=self.root,
         )
         write_manifest(self.root, manifest)
         for p in self._superseded:
@@ -498,7 +514,8 @@ class ZooWriter:
         for name, ns in self._carry_named.items():
             rel = ns.get("path", f"{SPLITS_DIR}/{name}.json") if isinstance(ns, dict) else None
             try:
-                data = json.loads((self.root / rel).read_text()) if rel else None
+                raw = read_regular(self.root / rel, root=self.root) if rel else None
+                data = json.loads(raw) if raw is not None else None
                 ids = {i for v in data.values() for i in v} if isinstance(data, dict) else None
             except (OSError, ValueError, TypeError):
                 ids = None
@@ -545,6 +562,6 @@ class ZooWriter:
 
 
 def _local(path: Path):
-    import fsspec
+    from lora_zoo._io import local_fs
 
-    return fsspec.filesystem("file"), str(path)
+    return local_fs(path), str(path)
