@@ -148,26 +148,56 @@ def capture() -> dict[str, Any]:
     }
 
 
-def requirements_text(env: Mapping[str, Any], *, source: str = "") -> str:
-    """A pip requirements file that recreates ``env``'s distributions.
+#: a distribution name as PEP 508 allows it (PEP 503 normalises it); nothing else may reach pip
+_DIST_NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?$")
+#: a public PEP 440 version, optionally with a local label (``2.13.0+cpu``); no spaces, no
+#: ``@ url``, no ``;`` marker, no ``,`` ranges: exactly one pinned release
+_PEP440 = re.compile(
+    r"^(?:[0-9]+!)?[0-9]+(?:\.[0-9]+)*(?:[-_.]?(?:a|b|c|rc|alpha|beta|pre|preview)[-_.]?[0-9]*)?"
+    r"(?:(?:-[0-9]+)|(?:[-_.]?(?:post|rev|r)[-_.]?[0-9]*))?(?:[-_.]?dev[-_.]?[0-9]*)?"
+    r"(?:\+[a-z0-9]+(?:[-_.][a-z0-9]+)*)?$",
+    re.I,
+)
+#: the torch wheel indexes lora-zoo itself may point pip at (from torch's local version label)
+_TORCH_FLAVOUR = re.compile(r"^(?:cpu|cu[0-9]{2,4}|rocm[0-9]+(?:\.[0-9]+)*|xpu)$")
 
-    lora-zoo itself is left as a comment when it is not a release (an editable checkout has no
-    index entry); a local torch build such as ``2.13.0+cpu`` comes with the index that serves it.
-    """
-    dists: Mapping[str, str] = env.get("distributions") or {}
-    lines = [
-        f"# The environment a lora-zoo zoo was built in{f' ({source})' if source else ''}.",
-        f"# Python {env.get('python')} on {env.get('machine')} ({env.get('platform')}),",
-        f"# CPU {env.get('cpu')}, GPUs {', '.join(env.get('gpus') or []) or 'none'}.",
-        "# Recreate: python -m venv env && . env/bin/activate && pip install -r requirements.txt",
+
+def _comment(value: Any) -> str:
+    """A value from a zoo, safe inside a ``#`` comment: one line, printable characters only."""
+    return re.sub(r"[^\x20-\x7e]", "?", str(value))[:200]
+
+
+def requirement_lines(env: Mapping[str, Any], *, file: str | None = None) -> list[str]:
+    """``name==version`` lines for ``env``'s distributions, each checked as PEP 508 / PEP 440.
+
+    Why strict: a zoo's provenance is a stranger's text and this file is handed to ``pip install
+    -r``; a name or version holding ``--index-url``, ``-e git+``, ``@ url`` or a marker would make
+    pip fetch and run code from anywhere. Anything but a plain pin is refused (``ZooFormatError``
+    naming every bad key), never dropped silently, so no file with such a line is ever written."""
+    from lora_zoo.errors import ZooFormatError
+
+    dists = env.get("distributions") or {}
+    where = "info.provenance.environment.distributions"
+    if not isinstance(dists, Mapping):
+        raise ZooFormatError("must be an object {name: version}", file=file, key=where)
+    bad = [
+        f"{name!r}: {version!r}"
+        for name, version in dists.items()
+        if not (isinstance(name, str) and _DIST_NAME.match(name))
+        or not (isinstance(version, str) and _PEP440.match(version))
     ]
-    torch_v = dists.get("torch", "")
-    if "+" in torch_v:
-        flavour = torch_v.split("+", 1)[1]
+    if bad:
+        raise ZooFormatError(
+            "not a plain PEP 508 name==version pin (refused, nothing written): " + "; ".join(bad),
+            file=file,
+            key=where,
+        )
+    lines = []
+    flavour = str(dists.get("torch", "")).partition("+")[2]
+    if _TORCH_FLAVOUR.match(flavour):
         lines.append(f"--extra-index-url https://download.pytorch.org/whl/{flavour}")
-    skip = {"pip", "setuptools", "wheel"}
     for name, version in dists.items():
-        if name in skip:
+        if name in ("pip", "setuptools", "wheel"):
             continue
         if name == "lora-zoo":
             lines.append(
@@ -175,7 +205,24 @@ def requirements_text(env: Mapping[str, Any], *, source: str = "") -> str:
             )
             continue
         lines.append(f"{name}=={version}")
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def requirements_text(env: Mapping[str, Any], *, source: str = "", file: str | None = None) -> str:
+    """A pip requirements file that recreates ``env``'s distributions (``requirement_lines``).
+
+    lora-zoo itself is left as a comment when it is not a release (an editable checkout has no
+    index entry); a local torch build such as ``2.13.0+cpu`` comes with the index that serves it.
+    """
+    head = [
+        f"# The environment a lora-zoo zoo was built in{f' ({_comment(source)})' if source else ''}.",
+        f"# Python {_comment(env.get('python'))} on {_comment(env.get('machine'))} "
+        f"({_comment(env.get('platform'))}),",
+        f"# CPU {_comment(env.get('cpu'))}, GPUs "
+        f"{_comment(', '.join(map(str, env.get('gpus') or [])) or 'none')}.",
+        "# Recreate: python -m venv env && . env/bin/activate && pip install -r requirements.txt",
+    ]
+    return "\n".join(head + requirement_lines(env, file=file)) + "\n"
 
 
 @dataclass(frozen=True)

@@ -150,12 +150,24 @@ def cmd_split(args: argparse.Namespace) -> int:
     return 0
 
 
+def _same_text(path: Any, root: Any, text: str) -> bool:
+    from lora_zoo._io import read_regular
+    from lora_zoo.errors import LoraZooError
+
+    try:
+        return read_regular(path, root=root, max_bytes=1 << 20) == text.encode("utf-8")
+    except (OSError, LoraZooError):
+        return False
+
+
 def cmd_env(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from lora_zoo import env
+    from lora_zoo._io import atomic_write_bytes
     from lora_zoo.errors import ZooFormatError
     from lora_zoo.load.source import load_zoo
+    from lora_zoo.zoo.schema import MANIFEST_NAME
 
     zoo = load_zoo(args.zoo, revision=args.revision)
     stored = (zoo.info.get("provenance") or {}).get("environment")
@@ -165,7 +177,7 @@ def cmd_env(args: argparse.Namespace) -> int:
             file=str(zoo.source),
             key="info.provenance.environment",
         )
-    text = env.requirements_text(stored, source=str(zoo.source))
+    text = env.requirements_text(stored, source=str(zoo.source), file=MANIFEST_NAME)
     if args.show:
         print(text, end="")
         return 0
@@ -179,13 +191,13 @@ def cmd_env(args: argparse.Namespace) -> int:
     )
     print(env.format_drift(env.drift(stored, env.capture())))
     if args.write:
-        Path(args.write).write_text(text, encoding="utf-8")
+        atomic_write_bytes(Path(args.write), text.encode("utf-8"))  # never through a link
         req = args.write
-    else:
+    else:  # the zoo's own file is a stranger's text: advised only if it is exactly the checked one
         protocol = getattr(zoo.fs, "protocol", ())
         is_local = "file" in (protocol if isinstance(protocol, tuple) else (protocol,))
         local = Path(str(zoo.root)) / env.REQUIREMENTS_NAME
-        req = str(local) if is_local and local.is_file() else None
+        req = str(local) if is_local and _same_text(local, zoo.root, text) else None
     py = ".".join(str(stored.get("python", "3")).split(".")[:2])
     if req is None:
         print(f"recreate it: lora-zoo env {args.zoo} --write requirements.txt, then")
