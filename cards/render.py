@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import re
 from collections import Counter
 from importlib import resources
 from pathlib import Path
@@ -309,10 +310,53 @@ def bench_rows(zoo: Any) -> dict[str, Any] | None:
     }
 
 
+#: characters a zoo's strings may not bring into a card as themselves: HTML (tags, attributes,
+#: entities), Markdown structure (code spans, table cells, links and images), line breaks
+_MD_ESCAPES = {
+    "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;", "`": "&#96;",
+    "|": "&#124;", "[": "&#91;", "]": "&#93;", "\\": "&#92;", "*": "&#42;",
+}  # fmt: skip
+_MD_SPECIAL = re.compile(r"[&<>\"'`|\[\]\\*]|[\x00-\x1f\x7f\u2028\u2029]")
+
+
+def md(text: Any) -> str:
+    """A string from a zoo, inert in Markdown and HTML wherever the template puts it (a table
+    cell, a code span, a heading, a Python snippet): no tag, attribute, link, image, autolink,
+    code-span end, cell break or new line can come out of it. Plain names are unchanged."""
+    s = _MD_SPECIAL.sub(lambda m: _MD_ESCAPES.get(m.group(), " "), str(text))
+    return s.replace("://", ":&#47;&#47;").replace("www.", "www&#46;")
+
+
+def code(text: Any) -> str:
+    """A zoo string the template always puts inside a code span (a column type such as
+    ``list<element: int64>``): HTML is inert there, so only what could end the span, the table
+    cell or the line is replaced."""
+    return re.sub(r"[`|\x00-\x1f\x7f\u2028\u2029]", lambda m: _MD_ESCAPES.get(m.group(), " "),
+                  str(text))  # fmt: skip
+
+
+def md_tree(x: Any) -> Any:
+    """``md`` on every string (keys included) of a JSON-like tree; numbers stay numbers."""
+    if isinstance(x, str):
+        return md(x)
+    if isinstance(x, dict):
+        return {md(k): md_tree(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(md_tree(v) for v in x)
+    return x
+
+
+def fence_for(text: str) -> str:
+    """A backtick fence longer than any backtick run in ``text``, so the text cannot close it."""
+    longest = max((len(r) for r in re.findall(r"`+", text)), default=0)
+    return "`" * max(3, longest + 1)
+
+
 def card_context(
     zoo: Any, plots: dict[str, str] | None = None, repo_id: str | None = None
 ) -> dict[str, Any]:
-    info, m = zoo.info, zoo.manifest
+    raw_info, m = zoo.info, zoo.manifest
+    info = md_tree(raw_info)  # every zoo string escaped once, before any helper formats it
     header = card_header(zoo)
     ranks: Counter[int] = Counter()
     base: set[str] = set()
@@ -324,7 +368,7 @@ def card_context(
     nbytes = sum(sp["num_bytes"] for sp in m["splits"].values())
     b = builder_of(info)
     first_split = zoo.splits[0] if zoo.splits else "train"
-    labels = zoo[first_split].label_columns if zoo.splits else []
+    labels = md_tree(zoo[first_split].label_columns if zoo.splits else [])
     captions = {
         "labels": ("label distributions", "Distribution of every numeric label over all LoRAs."),
         "spectra": (
@@ -343,24 +387,29 @@ def card_context(
             "the baseline (dashed).",
         ),
     }
+    recipe = (raw_info.get("recipe") or "").strip("\n") or (
+        yaml.safe_dump(raw_info["recipe_resolved"], sort_keys=False).strip("\n")
+        if raw_info.get("recipe_resolved")
+        else ""
+    )
     return {
         "header_yaml": yaml.safe_dump(header, sort_keys=False, allow_unicode=True, width=100),
-        "title": _title(zoo),
+        "title": md(_title(zoo)),
         "summary": (
             f"{len(zoo)} LoRA adapters"
-            + (f" of `{', '.join(sorted(base))}`" if base else "")
+            + (f" of `{md(', '.join(sorted(base)))}`" if base else "")
             + (f", built by the `{b.get('name')}` builder" if b.get("name") else "")
             + "."
         ),
         "num_rows": len(zoo),
         "splits": [
-            {"name": s, "num_rows": sp["num_rows"], "shards": len(sp["shards"])}
+            {"name": md(s), "num_rows": sp["num_rows"], "shards": len(sp["shards"])}
             for s, sp in m["splits"].items()
         ],
-        "base_models": sorted(base),
+        "base_models": md_tree(sorted(base)),
         "ranks": ", ".join(f"r={r}: {n}" for r, n in sorted(ranks.items())) or "-",
-        "modules": modules,
-        "dtypes": dtypes or ["-"],
+        "modules": md_tree(modules),
+        "dtypes": md_tree(dtypes or ["-"]),
         "builder": (
             f"`{b.get('name')}`" + (f" VERSION {b['VERSION']}" if "VERSION" in b else "")
             if b
@@ -368,31 +417,32 @@ def card_context(
         ),
         "size": f"{nbytes / 2**20:.2f} MiB in {sum(len(sp['shards']) for sp in m['splits'].values())} shard(s)",
         "format_version": m["format_version"],
-        "repo_id": repo_id or (info.get("card") or {}).get("repo_id") or "<namespace>/<zoo>",
-        "first_split": first_split,
+        "repo_id": md(repo_id)
+        if repo_id
+        else (info.get("card") or {}).get("repo_id") or "&lt;namespace&gt;/&lt;zoo&gt;",
+        "first_split": md(first_split),
         "label_columns": labels,
-        "recipe": (info.get("recipe") or "").strip("\n")
-        or (
-            yaml.safe_dump(info["recipe_resolved"], sort_keys=False).strip("\n")
-            if info.get("recipe_resolved")
-            else ""
-        ),
-        "columns": [{**c, "description": describe_column(c, info)} for c in m["columns"]],
-        "label_stats": label_stats(zoo),
+        "recipe": recipe,  # raw, inside a fence it cannot close (fenced code is inert)
+        "recipe_fence": fence_for(recipe),
+        "columns": [
+            {**c, "type": code(raw["type"]), "description": describe_column(c, info)}
+            for c, raw in zip(md_tree(m["columns"]), m["columns"])
+        ],
+        "label_stats": md_tree(label_stats(zoo)),
         "plots": [
             {"file": f, "alt": captions[k][0], "caption": captions[k][1]}
             for k, f in (plots or {}).items()
             if k in captions
         ],
         "provenance": provenance_rows(info),
-        "bench": bench_rows(zoo),
+        "bench": md_tree(bench_rows(zoo)),
         "split_method": split_method(info),
         "named_splits": [
             {
                 "name": n,
                 "desc": ", ".join(f"{k}={v}" for k, v in ns.items() if k not in ("path", "sha256")),
             }
-            for n, ns in (zoo.named_splits or {}).items()
+            for n, ns in md_tree(zoo.named_splits or {}).items()
             if isinstance(ns, dict)
         ],
     }

@@ -23,6 +23,7 @@ import difflib
 import hashlib
 import json
 import logging
+import os
 import re
 import sys
 from collections.abc import Mapping, Sequence
@@ -214,10 +215,13 @@ def yaml_load(text: str) -> Any:
 
 
 def _safe_load(text: str, file: str) -> dict[str, Any]:
-    try:
-        data = yaml_load(text)
-    except yaml.YAMLError as e:
-        raise RecipeError([f"{file}: (yaml) - {e}"], file=file) from e
+    from lora_zoo._io import load_untrusted_yaml
+    from lora_zoo.errors import ZooFormatError
+
+    try:  # bounded: size, depth, no aliases (a recipe may come from a stranger's zoo)
+        data = load_untrusted_yaml(text, file=file, loader=_RecipeLoader)
+    except ZooFormatError as e:
+        raise RecipeError([f"{file}: (yaml) - {e.message}"], file=file) from e
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -299,6 +303,131 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     return out
 
 
+# ---- bounds on what a stranger's recipe controls -----------------------------------------------
+#: generic caps on the YAML tree (checked before pydantic or a builder allocates anything)
+MAX_STRING = 4096
+MAX_LIST = 100_000
+MAX_DEPTH = 32
+MAX_ID_LEN = 200
+#: caps on sizes by key, wherever the key appears (``train.k``, ``vary.r.choices.0``, ...):
+#: far above any real zoo, far below what would exhaust a machine before the first LoRA
+SIZE_CAPS: dict[str, int] = {
+    "num_loras": 1_000_000,
+    "k": 4096,
+    "steps": 10_000_000,
+    "pretrain_steps": 10_000_000,
+    "warmup_steps": 10_000_000,
+    "epochs": 100_000,
+    "r": 65_536,
+    "count": 1_000_000,
+    "size": 100_000_000,
+    "n_examples": 100_000_000,
+    "max_examples": 100_000_000,
+    "batch_size": 1_000_000,
+    "pretrain_batch_size": 1_000_000,
+    "micro_batch_size": 1_000_000,
+    "grad_accum": 1_000_000,
+    "max_seq_len": 1_000_000,
+    "resolution": 16_384,
+    "shard_rows": 10_000_000,
+    "latent_cache_size": 10_000_000,
+}
+_WIDE_FORMAT = re.compile(r"\{[^{}]*[:!][^{}]*\d{4,}[^{}]*\}")  # a field width of 1000+
+
+
+def _bounds(data: Any, file: str) -> list[str]:
+    """Every size in the recipe tree that is over its cap (one message each, all at once)."""
+    problems: list[str] = []
+
+    def walk(node: Any, path: tuple[str, ...]) -> None:
+        where = ".".join(path) or "(top)"
+        if len(path) > MAX_DEPTH:
+            problems.append(f"{file}: {where} - nested deeper than {MAX_DEPTH} levels")
+            return
+        if isinstance(node, str) and len(node) > MAX_STRING:
+            problems.append(
+                f"{file}: {where} - string of {len(node)} characters (cap {MAX_STRING})"
+            )
+        elif isinstance(node, (int, float)) and not isinstance(node, bool):
+            caps = [SIZE_CAPS[p] for p in path if p in SIZE_CAPS]
+            if caps and abs(node) > min(caps):
+                problems.append(f"{file}: {where} - {node} is over the cap of {min(caps):,}")
+        elif isinstance(node, Mapping):
+            if len(node) > MAX_LIST:
+                problems.append(f"{file}: {where} - {len(node)} keys (cap {MAX_LIST:,})")
+                return
+            for k, v in node.items():
+                walk(v, (*path, str(k)[:64]))
+        elif isinstance(node, list):
+            if len(node) > MAX_LIST:
+                problems.append(f"{file}: {where} - {len(node)} items (cap {MAX_LIST:,})")
+                return
+            for i, v in enumerate(node):
+                walk(v, (*path, str(i)))
+
+    walk(data, ())
+    fmt = data.get("lora_id_format") if isinstance(data, Mapping) else None
+    if isinstance(fmt, str) and _WIDE_FORMAT.search(fmt):
+        problems.append(
+            f"{file}: lora_id_format - a field width of 1000 or more (ids over {MAX_ID_LEN} chars)"
+        )
+    return problems
+
+
+# ---- local paths a recipe names ----------------------------------------------------------------
+#: keys whose string values a builder opens as a local path when one exists (a data folder, an
+#: attribute table, data files, a base model folder, a dataset name that is also a folder)
+_PATH_KEYS = frozenset({"include", "path", "paths", "root", "file", "files", "dir", "folder", "id"})
+_PATH_SUFFIXES = ("_path", "_paths", "_dir", "_file", "_files", "_root", "_folder")
+
+
+def _looks_local(value: str) -> bool:
+    return (
+        value.startswith(("/", "~", "./", "../", "file:"))
+        or value in (".", "..")
+        or (os.path.lexists(value))
+    )
+
+
+def _under(value: str, roots: Sequence[Path], base: Path | None) -> bool:
+    p = Path(os.path.expanduser(value.removeprefix("file://")))
+    p = (base / p if base is not None and not p.is_absolute() else p).resolve()
+    return any(p == r or r in p.parents for r in (Path(r).resolve() for r in roots))
+
+
+def local_path_problems(
+    data: Any, file: str, allow: Sequence[str | os.PathLike[str]], base: Path | None = None
+) -> list[str]:
+    """The local paths an untrusted recipe (one stored in a zoo) would read: every value of a
+    path-like key (``include``, ``paths``, ``root``, ``*_dir`` ...) that is a local path, and any
+    string anywhere that is absolute, home- or dot-relative. Each is refused, naming the path,
+    unless it resolves under one of ``allow`` (``lora-zoo rebuild --allow-path ROOT``)."""
+    roots = [Path(a) for a in allow]
+    problems: list[str] = []
+
+    def check(value: str, where: str, pathy: bool) -> None:
+        if (pathy and _looks_local(value)) or value.startswith(("/", "~", "./", "../", "file:")):
+            if not _under(value, roots, base):
+                problems.append(
+                    f"{file}: {where} - would read the local path {value!r}; a stored recipe "
+                    "reads nothing local unless you allow it (rebuild --allow-path ROOT)"
+                )
+
+    def walk(node: Any, path: tuple[str, ...], pathy: bool) -> None:
+        if isinstance(node, str):
+            check(node, ".".join(path), pathy)
+        elif isinstance(node, Mapping):
+            for k, v in node.items():
+                k = str(k)
+                walk(v, (*path, k), pathy or k in _PATH_KEYS or k.endswith(_PATH_SUFFIXES))
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, (*path, str(i)), pathy)
+
+    walk(data, (), False)
+    return problems
+
+
 # ---- validation -------------------------------------------------------------------------------
 def _clean_loc(loc: Sequence[Any], data: Any) -> str:
     """pydantic locations -> dotted path in the YAML, dropping union tags (``kind`` values)
@@ -352,8 +481,10 @@ def validate(data: Mapping[str, Any], *, file: str = "<recipe>", text: str | Non
     """Validate a resolved recipe dict (no ``include``); every problem in one RecipeError."""
     from lora_zoo.build.registry import get_builder
 
+    problems: list[str] = _bounds(data, file)  # before anything is copied or allocated
+    if problems:
+        raise RecipeError(problems, file=file)
     data = copy.deepcopy(dict(data))
-    problems: list[str] = []
     if "include" in data:
         problems.append(f"{file}: include - includes must be resolved before validation")
     model: RecipeModel | None = None
@@ -387,6 +518,12 @@ def validate(data: Mapping[str, Any], *, file: str = "<recipe>", text: str | Non
             b = fmt.format(name=data.get("name", "x"), index=1)
             if a == b:
                 problems.append(f"{file}: lora_id_format - must contain {{index}} (ids collide)")
+            n = data.get("num_loras")
+            last = fmt.format(name=data.get("name", "x"), index=n - 1 if isinstance(n, int) else 0)
+            if len(last) > MAX_ID_LEN:
+                problems.append(
+                    f"{file}: lora_id_format - ids of {len(last)} chars (cap {MAX_ID_LEN})"
+                )
         except (KeyError, IndexError, ValueError) as e:
             problems.append(
                 f"{file}: lora_id_format - bad format string ({e!r}); "
@@ -438,10 +575,18 @@ def load_recipe_text(
     file: str = "<recipe>",
     base_dir: str | Path | None = None,
     overrides: Sequence[str] = (),
+    allow_paths: Sequence[str | os.PathLike[str]] | None = None,
 ) -> Recipe:
-    """Parse + include + override + validate recipe text (``file`` names it in errors)."""
+    """Parse + include + override + validate recipe text (``file`` names it in errors).
+
+    ``allow_paths`` marks the text as untrusted (a recipe stored in someone's zoo): then it may
+    read no local path (includes, data paths, folders) outside those roots (``[]``: none)."""
     data = _safe_load(text, file)
-    data = _resolve_includes(data, file, Path(base_dir) if base_dir is not None else None, ())
+    base = Path(base_dir) if base_dir is not None else None
+    if allow_paths is not None:
+        if problems := local_path_problems(data, file, allow_paths, base):
+            raise RecipeError(problems, file=file)
+    data = _resolve_includes(data, file, base, ())
     data = apply_overrides(data, overrides)
     return validate(data, file=file, text=text)
 

@@ -452,11 +452,13 @@ def build_from_recipe_text(
     *,
     builder_version: str | None = None,
     force: bool = False,
+    allow_paths: Sequence[str | os.PathLike[str]] = (),
     **kw: Any,
 ) -> BuildResult:
     """Rebuild from a recipe stored in a zoo (its resolved YAML). Refuses when the zoo was made
-    with another builder ``VERSION`` than the installed one, unless ``force``."""
-    recipe = load_recipe_text(text, file="<stored recipe>")
+    with another builder ``VERSION`` than the installed one, unless ``force``. The text is a
+    stranger's: it reads no local path outside ``allow_paths`` (``load_recipe_text``)."""
+    recipe = load_recipe_text(text, file="<stored recipe>", allow_paths=allow_paths)
     installed = str(recipe.builder_cls.VERSION)
     if builder_version is not None and str(builder_version) != installed:
         msg = (
@@ -475,9 +477,11 @@ def rebuild_from_zoo(
     only_ids: Iterable[str] | None = None,
     *,
     force: bool = False,
+    allow_paths: Sequence[str | os.PathLike[str]] = (),
     **kw: Any,
 ) -> BuildResult:
-    """Rebuild (some of) a zoo's LoRAs from the recipe and builder VERSION stored in it."""
+    """Rebuild (some of) a zoo's LoRAs from the recipe and builder VERSION stored in it; local
+    paths the recipe names must lie under ``allow_paths`` (``lora-zoo rebuild --allow-path``)."""
     from lora_zoo.load.source import load_zoo
 
     zoo_obj = load_zoo(zoo)
@@ -497,5 +501,5 @@ def rebuild_from_zoo(
     if kw.get("split_of") is None:
         kw["split_of"] = {i: s for s in zoo_obj.splits for i in zoo_obj[s].ids}
     return build_from_recipe_text(
-        text, out_dir, only_ids, builder_version=version, force=force, **kw
+        text, out_dir, only_ids, builder_version=version, force=force, allow_paths=allow_paths, **kw
     )

@@ -51,6 +51,13 @@ def register(sub: Any) -> None:
     p.add_argument("--only", default=None, help="comma-separated lora_ids to rebuild")
     p.add_argument("--revision", default=None)
     p.add_argument("--force", action="store_true", help="rebuild despite a builder VERSION change")
+    p.add_argument(
+        "--allow-path",
+        action="append",
+        default=[],
+        metavar="ROOT",
+        help="let the stored recipe read local files under ROOT (repeatable; default: none)",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_rebuild, needs_stack=True)
@@ -136,7 +143,13 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
         source = load_zoo(args.source, revision=args.revision).root
     _print_drift(source, args.revision)
     res = rebuild_from_zoo(
-        source, args.out, only, force=args.force, device=args.device, progress=not args.no_progress
+        source,
+        args.out,
+        only,
+        force=args.force,
+        device=args.device,
+        progress=not args.no_progress,
+        allow_paths=args.allow_path,
     )
     c = res.counts
     print(f"{c['done']} done, {c['failed']} failed, {c['pending']} pending; zoo: {res.zoo}")
