@@ -97,3 +97,46 @@ def test_hostile_weight_cells_are_refused_when_decoded(case, good, tmp_path, mon
     with pytest.raises(err):
         LoraDataset(zoo[split], view="factors")[0]
     assert not (tmp_path / "PWNED").exists()  # nothing was unpickled
+
+
+# ---- symlinks (a local folder is the one source that can hold them) ---------------------------
+def test_pull_of_a_local_folder_never_copies_a_symlink_to_a_secret(good, tmp_path):
+    from lora_zoo.remote.pull import download_zoo
+    from lora_zoo.remote.sources import parse_source, resolve_fsspec
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("s3cr3t")
+    src = _hostile(good, tmp_path, "linked", lambda r: (r / "notes.txt").symlink_to(secret))
+    dest = tmp_path / "dest"
+    fs, root = resolve_fsspec(parse_source(f"file://{src}"))
+    download_zoo(fs, root, dest, extra=True, progress=False)
+    assert not (dest / "notes.txt").exists()
+    assert all(
+        "s3cr3t" not in p.read_text(errors="replace") for p in dest.rglob("*") if p.is_file()
+    )
+
+
+def test_a_local_zoo_whose_shard_is_a_symlink_outside_is_refused(good, tmp_path):
+    src = _hostile(good, tmp_path, "shard_link", lambda r: None)
+    shard = sorted((src / "data").glob("*.parquet"))[0]
+    outside = tmp_path / "outside.parquet"
+    shutil.move(shard, outside)
+    shard.symlink_to(outside)  # same bytes, same hash: only the link is hostile
+    zoo = load_zoo(src)
+    split = next(s for s in zoo.splits if shard.name in " ".join(zoo[s].shard_paths))
+    with pytest.raises(LoraZooError) as e:
+        zoo[split].record(0)
+    assert shard.name in str(e.value) and "symlink" in str(e.value)
+    with pytest.raises(LoraZooError):
+        load_zoo(src, verify=True)
+
+
+def test_pull_refuses_a_symlinked_folder_in_the_destination(good, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "data").symlink_to(outside)
+    with pytest.raises(LoraZooError, match="symlink"):
+        pull(f"file://{good}", dest, progress=False)
+    assert list(outside.iterdir()) == []
