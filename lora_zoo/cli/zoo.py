@@ -151,13 +151,18 @@ def cmd_split(args: argparse.Namespace) -> int:
 
 
 def _same_text(path: Any, root: Any, text: str) -> bool:
+    """The zoo's requirements file holds exactly the checked pins of ``text`` (comments aside)."""
     from lora_zoo._io import read_regular
     from lora_zoo.errors import LoraZooError
 
+    def pins(t: str) -> list[str]:
+        return [x for x in t.splitlines() if x.strip() and not x.lstrip().startswith("#")]
+
     try:
-        return read_regular(path, root=root, max_bytes=1 << 20) == text.encode("utf-8")
-    except (OSError, LoraZooError):
+        raw = read_regular(path, root=root, max_bytes=1 << 20).decode("utf-8")
+    except (OSError, UnicodeDecodeError, LoraZooError):
         return False
+    return pins(raw) == pins(text)
 
 
 def cmd_env(args: argparse.Namespace) -> int:
