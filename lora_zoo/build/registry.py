@@ -19,7 +19,6 @@ the modules of its own package that it imports (transitively): a rebuild can the
 from __future__ import annotations
 
 import ast
-import difflib
 import functools
 import hashlib
 import importlib.metadata as md
@@ -32,20 +31,37 @@ from pathlib import Path
 from typing import Any
 
 from lora_zoo.errors import BuilderNotFoundError, BuildError
+from lora_zoo.registry import Registry
 
 log = logging.getLogger(__name__)
 
 GROUP = "lora_zoo.builders"
 ENV_VAR = "LORA_ZOO_BUILDERS"
 
-_registered: dict[str, type] = {}
-_loaded: dict[str, type] = {}
-_dists: dict[str, tuple[str | None, str | None]] = {}  # name -> (dist name, dist version)
+_env_loaded: dict[str, type] = {}  # "LORA_ZOO_BUILDERS:module:Class" -> class
 
 
-def _entry_points() -> dict[str, md.EntryPoint]:
-    eps = md.entry_points(group=GROUP)
-    return {ep.name: ep for ep in eps}
+def _check_class(name: str, cls: Any) -> None:
+    missing = [a for a in ("NAME", "VERSION", "Config", "train") if not hasattr(cls, a)]
+    if missing:
+        raise BuildError(
+            f"builder class {cls!r} lacks {', '.join(missing)} (see lora_zoo.build.api.Builder)",
+            key=name,
+        )
+
+
+#: the builders: entry points of ``GROUP`` plus run-time registrations (``register_builder``);
+#: ``LORA_ZOO_BUILDERS`` is read on top of it by ``get_builder`` / ``available_builders``
+BUILDERS: Registry[type] = Registry(
+    "builder",
+    key="builder",
+    error=BuilderNotFoundError,
+    load_error=BuildError,
+    entry_points=GROUP,
+    check=_check_class,
+    hint=f"builders register under the entry-point group {GROUP!r} or the {ENV_VAR} "
+    "environment variable",
+)
 
 
 def _env_specs() -> dict[str | None, str]:
@@ -89,16 +105,7 @@ def _env_builders() -> dict[str, str]:
 
 def available_builders() -> list[str]:
     """Every builder name: entry points, ``LORA_ZOO_BUILDERS`` and registered ones (sorted)."""
-    return sorted(set(_entry_points()) | set(_env_builders()) | set(_registered))
-
-
-def _check_class(cls: Any, name: str) -> None:
-    missing = [a for a in ("NAME", "VERSION", "Config", "train") if not hasattr(cls, a)]
-    if missing:
-        raise BuildError(
-            f"builder class {cls!r} lacks {', '.join(missing)} (see lora_zoo.build.api.Builder)",
-            key=name,
-        )
+    return sorted(set(BUILDERS.names()) | set(_env_builders()))
 
 
 def register_builder(cls: type, name: str | None = None, *, replace: bool = False) -> type:
@@ -106,55 +113,32 @@ def register_builder(cls: type, name: str | None = None, *, replace: bool = Fals
     name = name or getattr(cls, "NAME", None)
     if not name:
         raise BuildError(f"builder class {cls!r} has no NAME", key="NAME")
-    _check_class(cls, name)
-    if not replace and name in _registered and _registered[name] is not cls:
-        raise BuildError("a different builder is already registered under this name", key=name)
-    _registered[name] = cls
-    _loaded.pop(name, None)
+    BUILDERS.add(name, cls, replace=replace)
     return cls
 
 
 def unregister_builder(name: str) -> None:
     """Drop a programmatic registration (tests)."""
-    _registered.pop(name, None)
-    _loaded.pop(name, None)
+    BUILDERS.unregister(name)
 
 
 def get_builder(name: str) -> type:
-    """The builder class for ``name``; BuilderNotFoundError lists close matches otherwise."""
-    if name in _registered:
-        return _registered[name]
+    """The builder class for ``name``; BuilderNotFoundError lists close matches otherwise.
+    Order: a run-time registration, then ``LORA_ZOO_BUILDERS`` (the explicit ask wins over an
+    installed entry point), then the entry points."""
+    if BUILDERS.is_registered(name) and "entry_point" not in BUILDERS.meta(name):
+        return BUILDERS.get(name)
     env = _env_builders()
-    if name in env:  # the env var wins over an installed entry point: it is the explicit ask
+    if name in env:
         key = f"{ENV_VAR}:{env[name]}"
-        if key not in _loaded:
+        if key not in _env_loaded:
             cls = _load_target(env[name], name)
-            _check_class(cls, name)
-            _loaded[key] = cls
-        return _loaded[key]
-    if name in _loaded:
-        return _loaded[name]
-    eps = _entry_points()
-    if name not in eps:
-        known = available_builders()
-        close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
-        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-        raise BuilderNotFoundError(
-            f"no builder named {name!r}{hint} (available: {', '.join(known) or 'none'}; "
-            f"builders register under the entry-point group {GROUP!r} or the "
-            f"{ENV_VAR} environment variable)",
-            key="builder",
-        )
-    ep = eps[name]
-    try:
-        cls = ep.load()
-    except Exception as e:  # an installed plugin that fails to import: say which one
-        raise BuildError(f"entry point {ep.value!r} failed to load: {e}", key=name) from e
-    _check_class(cls, name)
-    dist = getattr(ep, "dist", None)
-    _dists[name] = (dist.metadata["Name"], dist.version) if dist is not None else (None, None)
-    _loaded[name] = cls
-    return cls
+            _check_class(name, cls)
+            _env_loaded[key] = cls
+        return _env_loaded[key]
+    if name not in BUILDERS.names():
+        raise BUILDERS.not_found(name, also=env)
+    return BUILDERS.get(name)
 
 
 def _module_file(modname: str) -> Path | None:
@@ -279,7 +263,8 @@ def _dist_of(cls: type) -> tuple[str | None, str | None]:
 def builder_info(name: str) -> dict[str, Any]:
     """Provenance of builder ``name``: name, class path, dist, dist version, VERSION, source."""
     cls = get_builder(name)
-    dist, dist_version = _dists.get(name) or _dist_of(cls)
+    meta = BUILDERS.meta(name) if BUILDERS.is_registered(name) else {}
+    dist, dist_version = (meta["dist"], meta["dist_version"]) if "dist" in meta else _dist_of(cls)
     return {
         "name": name,
         "class": f"{cls.__module__}:{cls.__qualname__}",
