@@ -89,7 +89,7 @@ class Registry(Generic[T]):
         """The non-decorator form of ``register``."""
         if not name or not isinstance(name, str):
             raise self.load_error(f"a {self.kind} needs a non-empty name", key=self.key)
-        if not replace and name in self._entries and self._entries[name] is not obj:
+        if not replace and name in self._entries and self._entries[name] != obj:
             raise self.load_error(
                 f"a different {self.kind} is already registered under {name!r} "
                 f"({self._entries[name]!r})",
@@ -186,7 +186,12 @@ class Registry(Generic[T]):
         return difflib.get_close_matches(name, {*self.names(), *also}, n=3, cutoff=0.5)
 
     def not_found(
-        self, name: str, *, file: str | None = None, also: Iterable[str] = ()
+        self,
+        name: str,
+        *,
+        file: str | None = None,
+        also: Iterable[str] = (),
+        key: str | None = None,
     ) -> LoraZooError:
         """The error for an unknown ``name``: close matches first, then every known name
         (``also``: names the caller knows from elsewhere, e.g. an environment variable)."""
@@ -197,7 +202,7 @@ class Registry(Generic[T]):
         return self.error(
             f"unknown {self.kind} {name!r}{hint} (available: {known}){tail}",
             file=file,
-            key=self.key,
+            key=key or self.key,
         )
 
     def __repr__(self) -> str:

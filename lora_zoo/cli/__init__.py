@@ -6,9 +6,24 @@ import argparse
 import importlib
 import logging
 import sys
+from collections.abc import Callable
 
 # verb-group modules, in help order
 _GROUPS = ("zoo", "build", "hub", "contrib", "demo", "lol")
+
+
+class LazyHelp(str):
+    """An argparse help text computed only when help is printed: the names a registry holds
+    (views, LoL models, formats, backends) come from importing the plug-ins, which building the
+    parser must not do (``lora-zoo --help`` stays instant)."""
+
+    def __new__(cls, text: Callable[[], str]) -> LazyHelp:
+        obj = super().__new__(cls, "(computed when help is printed)")
+        obj.text = text  # type: ignore[attr-defined]
+        return obj
+
+    def __mod__(self, params: object) -> str:  # argparse expands help with ``help % params``
+        return str(self.text()) % params  # type: ignore[attr-defined]
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -12,6 +12,22 @@ import argparse
 import json
 from typing import Any
 
+from lora_zoo.cli import LazyHelp
+
+
+def _models_help() -> str:
+    from lora_zoo.lol.models import all_models
+
+    return "subset of: " + " ".join(i.name for i in all_models())
+
+
+def _views_help() -> str:
+    from lora_zoo.lol.models import all_models
+
+    return "views the models read: " + "; ".join(
+        f"{i.name}: {' '.join(i.views)}" for i in all_models() if i.reads_weights
+    )
+
 
 def register(sub: Any) -> None:
     p = sub.add_parser("bench", help="train and test the reference LoL models on a zoo's labels")
@@ -19,10 +35,8 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--target", required=True, nargs="+", help="label column(s) or globs, e.g. 'in_group.*'"
     )
-    p.add_argument("--models", nargs="+", help="subset of: baseline mlp glnet transformer")
-    p.add_argument(
-        "--views", nargs="+", help="views for the MLP: factors dense svals canonical aligned"
-    )
+    p.add_argument("--models", nargs="+", help=LazyHelp(_models_help))
+    p.add_argument("--views", nargs="+", help=LazyHelp(_views_help))
     p.add_argument("--repeats", type=int, default=3, help="seeds per model (mean ± std)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument(

@@ -21,6 +21,7 @@ is the way beyond that.
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import json
 import logging
@@ -41,24 +42,21 @@ from lora_zoo.errors import SelectionError
 from lora_zoo.load import symmetry
 from lora_zoo.load.datasets import LoraIterableDataset, check_device
 from lora_zoo.lol import metrics as M
-from lora_zoo.lol.models import MODEL_VIEWS, LolModel, loader_view, make_model, specs_from_batch
+from lora_zoo.lol.models import (
+    MODELS,
+    LolModel,
+    LolModelInfo,
+    all_models,
+    make_model,
+    model_info,
+    specs_from_batch,
+)
+from lora_zoo.lol.models.baseline import baseline_predict
 
 logger = logging.getLogger(__name__)
 
 RESULTS = "bench/results.json"
 FORMAT = 1
-# (model, view) pairs run by default: every reference model of the papers, plus the baseline
-DEFAULT_RUNS: tuple[tuple[str, str], ...] = (
-    ("baseline", "-"),
-    ("mlp", "factors"),
-    ("mlp", "dense"),
-    ("mlp", "svals"),
-    ("mlp", "aligned"),
-    ("mlp", "canonical"),
-    ("glnet", "factors"),
-    ("transformer", "svals"),
-)
-NON_INVARIANT = {("mlp", "factors"), ("mlp", "aligned")}  # where GL augmentation means something
 PRIMARY = {"binary": "auroc", "multiclass": "accuracy", "regression": "r2"}
 
 
@@ -295,47 +293,222 @@ def score(task: Task, y: torch.Tensor, pred: np.ndarray) -> dict[str, Any]:
     return M.regression_metrics(y.numpy(), pred, task.columns)
 
 
-def baseline_predict(task: Task, y_fit: torch.Tensor, n: int) -> np.ndarray:
-    """Majority class per label (probability = the fit rows' positive rate, so AUROC is 0.5) /
-    the most frequent class / the fit rows' mean value."""
-    if task.kind == "binary":
-        rate = torch.nanmean(y_fit, 0).numpy()  # (k,)
-        p = np.where(rate > 0.5, 0.5 + 1e-6, 0.5 - 1e-6)  # majority decision, constant score
-        return np.broadcast_to(p, (n, len(rate))).copy()
-    if task.kind == "multiclass":
-        counts = np.bincount(y_fit[y_fit >= 0].numpy(), minlength=len(task.classes))
-        p = np.zeros((n, len(task.classes)))
-        p[:, int(counts.argmax())] = 1.0
-        return p
-    return np.broadcast_to(np.array(task.mean), (n, len(task.mean))).copy()
-
-
 # ---- the harness -------------------------------------------------------------------------------
+def default_runs() -> list[tuple[str, str]]:
+    """(model, view) pairs run by default: every registered model on every view it reads, in
+    the models' declared order (the baseline first)."""
+    return [(info.name, v) for info in all_models() for v in info.views]
+
+
+def non_invariant_runs() -> set[tuple[str, str]]:
+    """(model, view) pairs where GL(r) augmentation means something (declared symmetry)."""
+    return {(i.name, v) for i in all_models() for v in i.views if i.non_invariant(v)}
+
+
 def plan_runs(
     models: Sequence[str] | None, views: Sequence[str] | None, gl_augment: bool
 ) -> list[tuple[str, str, bool]]:
     """(model, view, augment) triples: the defaults filtered by ``models`` / ``views``, plus a
     GL-augmented copy of each non-invariant run when asked."""
-    known = {"baseline", *MODEL_VIEWS}
+    infos = all_models()
     for m in models or ():
-        if m not in known:
-            raise SelectionError(f"unknown model {m!r}; available: {sorted(known)}", key="models")
-    allv = {v for vs in MODEL_VIEWS.values() for v in vs}
+        if m not in MODELS:
+            raise MODELS.not_found(m, key="models")
+    allv = {v for i in infos if i.reads_weights for v in i.views}
     for v in views or ():
         if v not in allv:
-            raise SelectionError(f"unknown view {v!r}; available: {sorted(allv)}", key="views")
+            close = difflib.get_close_matches(v, allv, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise SelectionError(
+                f"unknown view {v!r}{hint}; available: {sorted(allv)}", key="views"
+            )
     runs = []
-    for m, v in DEFAULT_RUNS:
-        if models and m not in models:
-            continue
-        if views and m != "baseline" and v not in views:
-            continue
-        runs.append((m, v, False))
-        if gl_augment and (m, v) in NON_INVARIANT:
-            runs.append((m, v, True))
+    for info in infos:
+        for v in info.views:
+            if models and info.name not in models:
+                continue
+            if views and info.reads_weights and v not in views:
+                continue
+            runs.append((info.name, v, False))
+            if gl_augment and info.non_invariant(v):
+                runs.append((info.name, v, True))
     if models and not runs:
         raise SelectionError("no (model, view) pair left after --models/--views", key="views")
     return runs
+
+
+@dataclass
+class _Bench:
+    """What every run of one bench shares: the zoo, the task, the fit / valid / test rows."""
+
+    zoo: Any
+    where: str
+    columns: list[str]
+    dev: torch.device
+    cfg: TrainConfig
+    progress: bool
+    split_seed: int
+    cache: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    task: Task | None = None
+    carve: dict[str, Any] = field(default_factory=dict)
+    fit_idx: torch.Tensor | None = None
+    val_idx: torch.Tensor | None = None
+    y_train: torch.Tensor | None = None
+    y_test: torch.Tensor | None = None
+    test_ids: list[str] = field(default_factory=list)
+
+    def data(self, view: str) -> dict[str, dict[str, Any]]:
+        """The train and test splits as one collated batch of ``view`` each (cached)."""
+        if view not in self.cache:
+            self.cache[view] = {
+                s: load_view(self.zoo[s], view, self.columns, self.dev) for s in ("train", "test")
+            }
+        return self.cache[view]
+
+
+def _open_bench(
+    zoo_or_path: Any, target: str | Sequence[str], device: str, cfg: TrainConfig, **kw: Any
+) -> _Bench:
+    """The zoo (opened if a path), checked for train and test splits, and the target columns."""
+    from lora_zoo.load.source import load_zoo
+
+    zoo = load_zoo(str(zoo_or_path)) if isinstance(zoo_or_path, (str, os.PathLike)) else zoo_or_path
+    where = str(getattr(zoo, "source", zoo_or_path))
+    for s in ("train", "test"):
+        if s not in zoo.splits:
+            raise SelectionError(
+                f"bench needs train and test splits; has {zoo.splits}", file=where, key="split"
+            )
+    dev = check_device(device, where)
+    return _Bench(zoo, where, resolve_targets(zoo, target), dev, cfg, **kw)
+
+
+def _prepare_task(b: _Bench, runs: Sequence[tuple[str, str, bool]]) -> None:
+    """Infer the task from the labels, carve the validation rows, and build the target
+    tensors (regression targets standardised on the fit rows)."""
+    first = b.data("svals" if any(v == "svals" for _, v, _ in runs) else "factors")
+    tr, columns = first["train"], b.columns
+    ids = list(tr["lora_id"])
+    probe_labels = {
+        c: (tr["labels"][c].float() if not isinstance(tr["labels"][c], list) else None)
+        for c in columns
+    }
+    task = infer_task(b.zoo, columns, {c: v for c, v in probe_labels.items() if v is not None})
+    if task.kind == "multiclass":
+        vals = tr["labels"][columns[0]]
+        vals = vals if isinstance(vals, list) else vals.tolist()
+        task.classes = sorted({str(v) for v in vals if v is not None})
+    b.carve = validation_carve(b.zoo, ids, b.cfg.val_fraction, b.split_seed)
+    pos = {lid: i for i, lid in enumerate(ids)}
+    b.fit_idx = torch.tensor(sorted(pos[i] for i in b.carve["fit"]))
+    b.val_idx = torch.tensor(sorted(pos[i] for i in b.carve["valid"]))
+    b.y_train, b.y_test = targets_tensor(task, tr), targets_tensor(task, first["test"])
+    b.test_ids = list(first["test"]["lora_id"])
+    if task.kind == "regression":
+        yf = b.y_train[b.fit_idx]
+        task.mean = torch.nanmean(yf, 0).tolist()
+        sd = [float(np.nanstd(yf[:, j].numpy())) for j in range(yf.shape[1])]
+        task.std = [s if s > 0 else 1.0 for s in sd]
+    b.task = task
+
+
+def _fit_one_seed(
+    b: _Bench, info: LolModelInfo, view: str, aug: bool, seed: int, hp: dict[str, Any]
+) -> tuple[np.ndarray, dict[str, Any], LolModel | None]:
+    """One seed of one run: (test predictions, training info, the trained model or None)."""
+    assert b.task is not None and b.y_train is not None and b.y_test is not None
+    if not info.reads_weights:
+        assert info.fit_predict is not None
+        return info.fit_predict(b.task, b.y_train[b.fit_idx], len(b.y_test)), {}, None
+    label = f"{view}+gl_augment" if aug else view
+    d = b.data(info.loader_view(view))
+    xm_all = d["train"]["modules"]
+    torch.manual_seed(seed)
+    specs = specs_from_batch(d["train"])
+    model = make_model(info.name, view, specs, b.task.out_dim, **hp).to(b.dev)
+    fit_m = take(xm_all, b.fit_idx)
+    model.calibrate(fit_m)
+    train_info = train_model(
+        model,
+        b.task,
+        (fit_m, b.y_train[b.fit_idx]),
+        (take(xm_all, b.val_idx), b.y_train[b.val_idx]),
+        b.cfg,
+        seed,
+        gl_augment=aug,
+        progress=b.progress,
+        desc=f"{info.name}/{label} seed {seed}",
+    )
+    return predict(model, b.task, d["test"]["modules"]), train_info, model
+
+
+def _run_one(
+    b: _Bench, name: str, view: str, aug: bool, repeats: int, hp: dict[str, Any]
+) -> dict[str, Any]:
+    """Every seed of one (model, view, augment) run, summarised as one results entry."""
+    assert b.task is not None and b.y_test is not None
+    info = model_info(name)
+    label = f"{view}+gl_augment" if aug else view
+    per_seed, preds0, model = [], None, None
+    t0 = time.perf_counter()
+    for rep in range(repeats):
+        seed = 1000 * b.split_seed + rep
+        pred, train_info, model = _fit_one_seed(b, info, view, aug, seed, hp)
+        preds0 = pred if preds0 is None else preds0
+        per_seed.append({"seed": seed, "metrics": score(b.task, b.y_test, pred), **train_info})
+    summary = _summary([p["metrics"] for p in per_seed])
+    logger.info("bench %s/%s: %s", name, label, _short(summary, PRIMARY[b.task.kind]))
+    return {
+        "model": name,
+        "view": label,
+        "invariance": info.symmetry[view],
+        "hparams": hp if model is None else _hparams(model, hp),
+        "train": {**asdict(b.cfg), "gl_augment": aug} if info.reads_weights else {},
+        "seeds": [p["seed"] for p in per_seed],
+        "per_seed": per_seed,
+        "summary": summary,
+        "time_s": round(time.perf_counter() - t0, 2),
+        "predictions": _predictions(b.test_ids, b.y_test, preds0, b.task),
+    }
+
+
+def _results(
+    b: _Bench, target: str | Sequence[str], repeats: int, runs: list[dict[str, Any]], t0: float
+) -> dict[str, Any]:
+    import lora_zoo
+
+    assert b.task is not None and b.fit_idx is not None and b.val_idx is not None
+    assert b.y_test is not None
+    return {
+        "format": FORMAT,
+        "zoo": b.where,
+        "target": target if isinstance(target, str) else list(target),
+        "columns": b.columns,
+        "task": b.task.kind,
+        "classes": b.task.classes,
+        "primary_metric": PRIMARY[b.task.kind],
+        "n": {"fit": len(b.fit_idx), "valid": len(b.val_idx), "test": len(b.y_test)},
+        "validation": b.carve["how"],
+        "device": str(b.dev),
+        "repeats": repeats,
+        "versions": {"lora_zoo": getattr(lora_zoo, "__version__", ""), "torch": torch.__version__},
+        "time_s": round(time.perf_counter() - t0, 1),
+        "runs": runs,
+    }
+
+
+def _write_results(
+    res: dict[str, Any], zoo: Any, write: bool, json_path: str | os.PathLike[str] | None
+) -> None:
+    """Into the zoo (``bench/results.json`` of a local zoo, when ``write``) and ``json_path``."""
+    blob = (json.dumps(res, indent=1, default=_jsonable) + "\n").encode()
+    if write and getattr(zoo, "is_local", False):
+        dest = Path(zoo.root) / RESULTS
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(dest, blob)
+        res["written"] = str(dest)
+    if json_path is not None:
+        atomic_write_bytes(Path(json_path), blob)
 
 
 def run_bench(
@@ -356,129 +529,16 @@ def run_bench(
 ) -> dict[str, Any]:
     """Run the benchmark; returns the results dict (also written to ``bench/results.json`` of a
     local zoo when ``write``, and to ``json_path``)."""
-    from lora_zoo.load.source import load_zoo
-
-    zoo = load_zoo(str(zoo_or_path)) if isinstance(zoo_or_path, (str, os.PathLike)) else zoo_or_path
-    where = str(getattr(zoo, "source", zoo_or_path))
-    for s in ("train", "test"):
-        if s not in zoo.splits:
-            raise SelectionError(
-                f"bench needs train and test splits; has {zoo.splits}", file=where, key="split"
-            )
-    dev = check_device(device, where)
     cfg = train or TrainConfig()
-    columns = resolve_targets(zoo, target)
+    b = _open_bench(zoo_or_path, target, device, cfg, progress=progress, split_seed=split_seed)
     runs = plan_runs(models, views, gl_augment)
     t_start = time.perf_counter()
-
-    cache: dict[str, dict[str, dict[str, Any]]] = {}
-
-    def data(view: str) -> dict[str, dict[str, Any]]:
-        if view not in cache:
-            cache[view] = {s: load_view(zoo[s], view, columns, dev) for s in ("train", "test")}
-        return cache[view]
-
-    first = data("svals" if any(v == "svals" for _, v, _ in runs) else "factors")
-    tr = first["train"]
-    ids = list(tr["lora_id"])
-    probe_labels = {
-        c: (tr["labels"][c].float() if not isinstance(tr["labels"][c], list) else None)
-        for c in columns
-    }
-    task = infer_task(zoo, columns, {c: v for c, v in probe_labels.items() if v is not None})
-    if task.kind == "multiclass":
-        vals = tr["labels"][columns[0]]
-        vals = vals if isinstance(vals, list) else vals.tolist()
-        task.classes = sorted({str(v) for v in vals if v is not None})
-    carve = validation_carve(zoo, ids, cfg.val_fraction, split_seed)
-    pos = {lid: i for i, lid in enumerate(ids)}
-    fit_idx = torch.tensor(sorted(pos[i] for i in carve["fit"]))
-    val_idx = torch.tensor(sorted(pos[i] for i in carve["valid"]))
-    y_train, y_test = targets_tensor(task, tr), targets_tensor(task, first["test"])
-    if task.kind == "regression":
-        yf = y_train[fit_idx]
-        task.mean = torch.nanmean(yf, 0).tolist()
-        sd = [float(np.nanstd(yf[:, j].numpy())) for j in range(yf.shape[1])]
-        task.std = [s if s > 0 else 1.0 for s in sd]
-
-    out_runs = []
-    for model_name, view, aug in runs:
-        label = f"{view}+gl_augment" if aug else view
-        hp = dict((hparams or {}).get(model_name, {}))
-        per_seed = []
-        t0 = time.perf_counter()
-        preds0 = None
-        for rep in range(repeats):
-            seed = 1000 * split_seed + rep
-            if model_name == "baseline":
-                pred = baseline_predict(task, y_train[fit_idx], len(y_test))
-                per_seed.append({"seed": seed, "metrics": score(task, y_test, pred)})
-                preds0 = pred if preds0 is None else preds0
-                continue
-            d = data(loader_view(model_name, view))
-            xm_all = d["train"]["modules"]
-            torch.manual_seed(seed)
-            specs = specs_from_batch(d["train"])
-            model = make_model(model_name, view, specs, task.out_dim, **hp).to(dev)
-            fit_m = take(xm_all, fit_idx)
-            model.calibrate(fit_m)
-            info = train_model(
-                model,
-                task,
-                (fit_m, y_train[fit_idx]),
-                (take(xm_all, val_idx), y_train[val_idx]),
-                cfg,
-                seed,
-                gl_augment=aug,
-                progress=progress,
-                desc=f"{model_name}/{label} seed {seed}",
-            )
-            pred = predict(model, task, d["test"]["modules"])
-            preds0 = pred if preds0 is None else preds0
-            per_seed.append({"seed": seed, "metrics": score(task, y_test, pred), **info})
-            invariance = model.invariance
-        summary = _summary([p["metrics"] for p in per_seed])
-        entry = {
-            "model": model_name,
-            "view": label,
-            "invariance": "-" if model_name == "baseline" else invariance,
-            "hparams": hp if model_name == "baseline" else _hparams(model, hp),
-            "train": {} if model_name == "baseline" else {**asdict(cfg), "gl_augment": aug},
-            "seeds": [p["seed"] for p in per_seed],
-            "per_seed": per_seed,
-            "summary": summary,
-            "time_s": round(time.perf_counter() - t0, 2),
-            "predictions": _predictions(first["test"]["lora_id"], y_test, preds0, task),
-        }
-        logger.info("bench %s/%s: %s", model_name, label, _short(summary, PRIMARY[task.kind]))
-        out_runs.append(entry)
-
-    import lora_zoo
-
-    res = {
-        "format": FORMAT,
-        "zoo": where,
-        "target": target if isinstance(target, str) else list(target),
-        "columns": columns,
-        "task": task.kind,
-        "classes": task.classes,
-        "primary_metric": PRIMARY[task.kind],
-        "n": {"fit": len(fit_idx), "valid": len(val_idx), "test": len(y_test)},
-        "validation": carve["how"],
-        "device": str(dev),
-        "repeats": repeats,
-        "versions": {"lora_zoo": getattr(lora_zoo, "__version__", ""), "torch": torch.__version__},
-        "time_s": round(time.perf_counter() - t_start, 1),
-        "runs": out_runs,
-    }
-    blob = (json.dumps(res, indent=1, default=_jsonable) + "\n").encode()
-    if write and getattr(zoo, "is_local", False):
-        dest = Path(zoo.root) / RESULTS
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(dest, blob)
-        res["written"] = str(dest)
-    if json_path is not None:
-        atomic_write_bytes(Path(json_path), blob)
+    _prepare_task(b, runs)
+    out_runs = [
+        _run_one(b, m, v, aug, repeats, dict((hparams or {}).get(m, {}))) for m, v, aug in runs
+    ]
+    res = _results(b, target, repeats, out_runs, t_start)
+    _write_results(res, b.zoo, write, json_path)
     return res
 
 
@@ -582,4 +642,12 @@ def format_table(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["DEFAULT_RUNS", "RESULTS", "TrainConfig", "format_table", "plan_runs", "run_bench"]
+__all__ = [
+    "RESULTS",
+    "TrainConfig",
+    "baseline_predict",
+    "default_runs",
+    "format_table",
+    "plan_runs",
+    "run_bench",
+]

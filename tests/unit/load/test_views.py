@@ -41,10 +41,10 @@ def test_register_a_new_view_has_one_home():
         # norm within that): 2 sqrt(r) x svals_tol
         t = 2 * math.sqrt(3) * svals_tol(u, v, torch.float64)
         torch.testing.assert_close(out["S"][0], torch.linalg.norm(u @ v.T), atol=t, rtol=0)
-        with pytest.raises(ValueError, match="already registered"):
+        with pytest.raises(SelectionError, match="already registered"):
             register_view("_test_frob")(lambda u, v, c: {})
     finally:
-        views._REGISTRY.pop("_test_frob")
+        views.VIEWS.unregister("_test_frob")
 
 
 @SETTINGS

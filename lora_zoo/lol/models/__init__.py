@@ -18,8 +18,8 @@ always a function of what the model already sees, so it keeps the model's symmet
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -27,6 +27,7 @@ from torch import nn
 
 from lora_zoo.errors import SelectionError
 from lora_zoo.load import symmetry
+from lora_zoo.registry import Registry
 
 Modules = dict[str, dict[str, torch.Tensor]]
 DENSE_MAX = 1 << 22  # total n*m over the selected modules the dense MLP accepts (4M inputs)
@@ -82,7 +83,7 @@ class LolModel(nn.Module):
     """Base: a fixed module list, the view the model reads, its symmetry, calibration."""
 
     view: str = "factors"
-    invariance: str = "none"  # "none" | "O(r)" | "GL(r)"
+    invariance: str = "none"  # set by make_model from the registry (LolModelInfo.symmetry)
 
     def __init__(self, specs: Sequence[ModuleSpec]) -> None:
         super().__init__()
@@ -131,7 +132,6 @@ class FlatMLP(LolModel):
         super().__init__(specs)
         self.view = view
         hidden = hidden or (32 if view == "dense" else 128)  # dense: d_in is n*m per module
-        self.invariance = {"factors": "none", "aligned": "O(r)"}.get(view, "GL(r)")
         if view == "dense":
             total = sum(s.out_features * s.in_features for s in self.specs)
             if total > DENSE_MAX:
@@ -196,7 +196,6 @@ class OAlignMLP(FlatMLP):
     def __init__(self, specs: Sequence[ModuleSpec], out_dim: int, **kw: Any) -> None:
         kw.pop("view", None)
         super().__init__(specs, out_dim, view="aligned", **kw)
-        self.invariance = "O(r)"
         self.template: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def set_template(self, modules: Modules, row: int = 0) -> None:
@@ -277,7 +276,6 @@ class GLNet(LolModel):
     (computed from the invariant products, so the scale is invariant too)."""
 
     view = "factors"
-    invariance = "GL(r)"
 
     def __init__(
         self,
@@ -349,7 +347,6 @@ class ModuleTransformer(LolModel):
     module slot, not on the factors."""
 
     view = "svals"
-    invariance = "GL(r)"
 
     def __init__(
         self,
@@ -421,38 +418,144 @@ class ModuleTransformer(LolModel):
 
 
 # ---- registry --------------------------------------------------------------------------------------
-MODEL_VIEWS: dict[str, tuple[str, ...]] = {
-    "mlp": ("factors", "dense", "svals", "canonical", "aligned"),
-    "glnet": ("factors",),
-    "transformer": ("svals",),
-}
+@dataclass(frozen=True)
+class LolModelInfo:
+    """What a LoL model declares about itself, once, at registration.
+
+    ``symmetry``: view -> the symmetry the model has on that view ("none" | "O(r)" | "GL(r)";
+    "-" for a model that never reads weights); its keys, in order, are the views the model
+    reads and the bench's default runs. ``make(specs, out_dim, view, **hp)`` builds the module;
+    a model without ``make`` never reads weights and predicts from the fit labels alone with
+    ``fit_predict(task, y_fit, n_test)`` (the baseline). ``loader_views``: view -> the loader
+    view to read when it differs (O-Align aligns inside the model, from factors). ``order``:
+    position in the bench's default runs and table."""
+
+    name: str
+    symmetry: Mapping[str, str]
+    make: Callable[..., LolModel] | None = None
+    fit_predict: Callable[..., Any] | None = None
+    loader_views: Mapping[str, str] = field(default_factory=dict)
+    order: int = 100
+    doc: str = ""
+
+    @property
+    def views(self) -> tuple[str, ...]:
+        return tuple(self.symmetry)
+
+    @property
+    def reads_weights(self) -> bool:
+        return self.make is not None
+
+    def loader_view(self, view: str) -> str:
+        return self.loader_views.get(view, view)
+
+    def non_invariant(self, view: str) -> bool:
+        """Where GL(r) augmentation means something: a weight-reading model that is not
+        GL(r)-invariant on this view."""
+        return self.reads_weights and self.symmetry[view] != "GL(r)"
+
+
+#: every LoL model by name: this package's modules, run-time registrations, entry points
+MODELS: Registry[LolModelInfo] = Registry(
+    "LoL model",
+    key="model",
+    error=SelectionError,
+    packages=(__name__,),
+    entry_points="lora_zoo.lol_models",
+    hint="a LoL model is one file in lora_zoo/lol/models/ with @register_model",
+)
+
+
+def register_model(
+    name: str,
+    *,
+    symmetry: Mapping[str, str],
+    loader_views: Mapping[str, str] | None = None,
+    order: int = 100,
+    label_only: bool = False,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator on a factory ``make(specs, out_dim, view, **hp) -> LolModel`` (or, with
+    ``label_only``, on a predictor ``fit_predict(task, y_fit, n_test)`` that reads no weights):
+    registers ``name`` with the views it reads and its symmetry on each (``LolModelInfo``)."""
+
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        doc = (fn.__doc__ or "").strip()
+        info = LolModelInfo(
+            name,
+            dict(symmetry),
+            make=None if label_only else fn,
+            fit_predict=fn if label_only else None,
+            loader_views=dict(loader_views or {}),
+            order=order,
+            doc=doc,
+        )
+        MODELS.add(name, info, doc=doc.split("\n")[0], views=info.views)
+        return fn
+
+    return deco
+
+
+def model_info(name: str) -> LolModelInfo:
+    """The registered model, or a SelectionError suggesting close names."""
+    return MODELS.get(name)
+
+
+def all_models() -> list[LolModelInfo]:
+    """Every registered model in default-run order."""
+    return sorted((info for _, info in MODELS.items()), key=lambda i: (i.order, i.name))
+
+
+@register_model(
+    "mlp",
+    symmetry={
+        "factors": "none",
+        "dense": "GL(r)",
+        "svals": "GL(r)",
+        "aligned": "O(r)",
+        "canonical": "GL(r)",
+    },
+    loader_views={"aligned": "factors"},
+    order=10,
+)
+def _make_mlp(specs: Sequence[ModuleSpec], out_dim: int, view: str, **hp: Any) -> LolModel:
+    """MLP on a flat view (O-Align for the "aligned" view)."""
+    if view == "aligned":
+        return OAlignMLP(specs, out_dim, **hp)
+    return FlatMLP(specs, out_dim, view=view, **hp)
+
+
+@register_model("glnet", symmetry={"factors": "GL(r)"}, order=20)
+def _make_glnet(specs: Sequence[ModuleSpec], out_dim: int, view: str, **hp: Any) -> LolModel:
+    """GL-net: GL-equivariant layers on the factors, invariant products, MLP head."""
+    return GLNet(specs, out_dim, **hp)
+
+
+@register_model("transformer", symmetry={"svals": "GL(r)"}, order=30)
+def _make_transformer(specs: Sequence[ModuleSpec], out_dim: int, view: str, **hp: Any) -> LolModel:
+    """Transformer over one invariant token per module."""
+    return ModuleTransformer(specs, out_dim, **hp)
 
 
 def loader_view(model: str, view: str) -> str:
-    """The loader view a (model, view) pair reads: O-Align aligns inside the model, from
-    factors (its template is a training LoRA, which the test split does not hold)."""
-    return "factors" if (model, view) == ("mlp", "aligned") else view
+    """The loader view a (model, view) pair reads (``LolModelInfo.loader_views``)."""
+    return model_info(model).loader_view(view)
 
 
 def make_model(
     name: str, view: str, specs: Sequence[ModuleSpec], out_dim: int, **hp: Any
 ) -> LolModel:
-    """Build a reference model by name; ``hp`` are its constructor hyperparameters."""
-    if name not in MODEL_VIEWS:
+    """Build a registered model by name; ``hp`` are its constructor hyperparameters. The
+    module's ``invariance`` is the symmetry the model declared for ``view``."""
+    info = model_info(name)
+    if view not in info.symmetry:
         raise SelectionError(
-            f"unknown model {name!r}; available: baseline, {', '.join(MODEL_VIEWS)}", key="model"
+            f"model {name!r} reads the views {info.views}, not {view!r}", key="view"
         )
-    if view not in MODEL_VIEWS[name]:
-        raise SelectionError(
-            f"model {name!r} reads the views {MODEL_VIEWS[name]}, not {view!r}", key="view"
-        )
-    if name == "glnet":
-        return GLNet(specs, out_dim, **hp)
-    if name == "transformer":
-        return ModuleTransformer(specs, out_dim, **hp)
-    if view == "aligned":
-        return OAlignMLP(specs, out_dim, **hp)
-    return FlatMLP(specs, out_dim, view=view, **hp)
+    if info.make is None:
+        raise SelectionError(f"model {name!r} reads no weights: nothing to build", key="model")
+    model = info.make(specs, out_dim, view, **hp)
+    model.invariance = info.symmetry[view]
+    return model
 
 
 __all__ = [
@@ -461,13 +564,17 @@ __all__ = [
     "GLLinear",
     "GLNet",
     "LolModel",
-    "MODEL_VIEWS",
+    "MODELS",
+    "LolModelInfo",
     "ModuleSpec",
     "ModuleTransformer",
     "OAlignMLP",
     "gl_gate",
     "loader_view",
     "make_model",
+    "model_info",
+    "all_models",
+    "register_model",
     "mlp",
     "specs_from_batch",
 ]

@@ -8,12 +8,18 @@ of tensors keyed by role, so ``collate_loras`` knows how to batch them:
   collate zero-pads to the batch's max rank and masks;
 - ``"W"`` (..., n, m): the dense ΔW, stacked as is.
 
-Adding a view is one decorated function here (pure math goes in ``symmetry.py``) plus an
-invariance / equivariance property test in ``tests/unit/load/test_views.py``::
+Adding a view is one new file in this folder, ``lora_zoo/load/views/<name>.py``, holding one
+decorated function (pure math goes in ``symmetry.py``), plus an invariance / equivariance
+property test in ``tests/unit/load/``::
+
+    from lora_zoo.load.views import register_view
 
     @register_view("gram")
     def gram_view(u, v, ctx):
         return {"S": ...}
+
+The registry (``VIEWS``, a ``lora_zoo.registry.Registry``) imports the folder's modules on the
+first lookup, and a distribution can add views under the entry-point group ``lora_zoo.views``.
 
 Views accept leading batch dims so the streaming loader can run one batched LAPACK call per
 module for a whole record batch; ``ctx.indices`` then holds one LoRA index per batch row.
@@ -27,7 +33,6 @@ thread's OpenMP setting.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import logging
 from collections.abc import Callable, Sequence
@@ -38,6 +43,7 @@ import torch
 
 from lora_zoo.errors import SelectionError
 from lora_zoo.load import symmetry
+from lora_zoo.registry import Registry
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +86,15 @@ class ViewSpec:
     many: ManyFn | None = None
 
 
-_REGISTRY: dict[str, ViewSpec] = {}
+#: every view by name: this package's modules, run-time registrations, entry points
+VIEWS: Registry[ViewSpec] = Registry(
+    "view",
+    key="view",
+    error=SelectionError,
+    packages=(__name__,),
+    entry_points="lora_zoo.views",
+    hint="a view is one file in lora_zoo/load/views/ with @register_view",
+)
 
 
 def register_view(
@@ -90,29 +104,20 @@ def register_view(
     ``many``: see ``ViewSpec``."""
 
     def deco(fn: ViewFn) -> ViewFn:
-        if name in _REGISTRY and _REGISTRY[name].fn is not fn:
-            raise ValueError(f"view {name!r} is already registered by {_REGISTRY[name].fn!r}")
-        _REGISTRY[name] = ViewSpec(name, fn, needs_template, (fn.__doc__ or "").strip(), many)
+        doc = (fn.__doc__ or "").strip()
+        VIEWS.add(name, ViewSpec(name, fn, needs_template, doc, many), doc=doc.split("\n")[0])
         return fn
 
     return deco
 
 
 def get_view(name: str) -> ViewSpec:
-    """The registered view, or a ``SelectionError`` that lists the known ones."""
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        close = difflib.get_close_matches(name, _REGISTRY, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise SelectionError(
-            f"unknown view {name!r}{hint}; available: {', '.join(available_views())}",
-            key="view",
-        ) from None
+    """The registered view, or a ``SelectionError`` that suggests close names and lists all."""
+    return VIEWS.get(name)
 
 
 def available_views() -> list[str]:
-    return sorted(_REGISTRY)
+    return VIEWS.names()
 
 
 def _out(x: torch.Tensor, ctx: ViewContext, stored: torch.dtype) -> torch.Tensor:
