@@ -6,6 +6,15 @@ import argparse
 import json
 from typing import Any
 
+from lora_zoo.cli import LazyHelp
+
+
+def _formats_help(*extra: str) -> str:
+    from lora_zoo.contrib.formats import format_names
+
+    return "one of: " + ", ".join([*extra, *format_names()])
+
+
 # The Hub SRC rule, also implemented by lora_zoo.contrib.ingest_hub.is_hub_source (kept here so that
 # building the CLI parser imports nothing heavy).
 SRC_HELP = (
@@ -23,7 +32,7 @@ def register(sub: Any) -> None:
     )
     p.add_argument("sources", nargs="+", metavar="SRC", help=SRC_HELP)
     p.add_argument("--out", required=True, help="new zoo folder")
-    p.add_argument("--format", default="auto", choices=("auto", "peft", "diffusers", "kohya"))
+    p.add_argument("--format", default="auto", help=LazyHelp(lambda: _formats_help("auto")))
     p.add_argument(
         "--metadata", default=None, help="CSV / JSON / JSONL / Parquet table keyed by file or id"
     )
@@ -76,7 +85,7 @@ def register(sub: Any) -> None:
     p = sub.add_parser("export", help="write one LoRA of a zoo as a PEFT / diffusers / kohya file")
     p.add_argument("zoo")
     p.add_argument("lora_id")
-    p.add_argument("--format", required=True, choices=("peft", "diffusers", "kohya"))
+    p.add_argument("--format", required=True, help=LazyHelp(_formats_help))
     p.add_argument("--out", required=True)
     p.add_argument("--revision", default=None)
     p.set_defaults(func=cmd_export, needs_stack=True)

@@ -9,7 +9,7 @@ import logging
 import os
 from pathlib import Path
 
-from lora_zoo.contrib.formats import FORMAT_NAMES, write_adapter
+from lora_zoo.contrib.formats import format_names, write_adapter
 from lora_zoo.errors import SelectionError
 from lora_zoo.load.source import load_zoo
 from lora_zoo.record import LoraRecord
@@ -42,8 +42,8 @@ def export_lora(
     revision: str | None = None,
 ) -> Path:
     """Write ``lora_id`` of the zoo as ``format`` at ``out``; returns the path written."""
-    if format not in FORMAT_NAMES:
-        raise SelectionError(f"format must be one of {', '.join(FORMAT_NAMES)}", key="format")
+    if format not in format_names():
+        raise SelectionError(f"format must be one of {', '.join(format_names())}", key="format")
     rec = find_record(zoo_path, lora_id, revision=revision)
     path = write_adapter(rec, out, format)
     log.info("exported %s from %s as %s: %s", lora_id, zoo_path, format, path)

@@ -1,7 +1,9 @@
 """Which format is this file? Decided from the tensor names, never from the file name.
 
-Each format module exposes ``sniff(keys, path)``; the first that claims the keys wins. A folder
-with ``adapter_config.json`` is PEFT. Detection reads only the safetensors header (no tensors).
+Each registered format (``FORMATS``) has ``sniff(keys, path)``; in ``key_order``, the first that
+claims the keys wins. A folder is the first format (``folder_order``) whose ``folder_marker``
+file it holds (``adapter_config.json``: PEFT). Detection reads only the safetensors header (no
+tensors).
 """
 
 from __future__ import annotations
@@ -10,11 +12,14 @@ import json
 import os
 from pathlib import Path
 
-from lora_zoo.contrib.formats import diffusers, kohya, peft
+from lora_zoo.contrib.formats import FORMATS, AdapterFormat
 from lora_zoo.contrib.formats.files import PICKLE_SUFFIXES, check_size, looks_pickled
+from lora_zoo.contrib.formats.peft import CONFIG_NAME
 from lora_zoo.errors import UnknownLayoutError
 
-FORMATS = {"peft": peft, "diffusers": diffusers, "kohya": kohya}
+
+def _formats(order: str) -> list[AdapterFormat]:
+    return sorted((f for _, f in FORMATS.items()), key=lambda f: (getattr(f, order), f.name))
 
 
 def header_keys(path: Path, max_bytes: int | None = None) -> list[str]:
@@ -37,25 +42,28 @@ def header_keys(path: Path, max_bytes: int | None = None) -> list[str]:
 
 
 def detect_format(path: str | os.PathLike[str], max_bytes: int | None = None) -> str:
-    """'peft' | 'diffusers' | 'kohya' for an adapter folder or file; UnknownLayoutError else."""
+    """The registered format of an adapter folder or file; UnknownLayoutError else."""
     p = Path(path)
     if p.is_dir():
-        if peft.sniff([], p):
-            return "peft"
-        if (p / diffusers.DEFAULT_WEIGHT_NAME).is_file():
-            return "diffusers"
+        marked = [f for f in _formats("folder_order") if f.folder_marker]
+        for f in marked:
+            if (p / str(f.folder_marker)).is_file():
+                return f.name
         raise UnknownLayoutError(
-            f"folder has neither {peft.CONFIG_NAME} nor {diffusers.DEFAULT_WEIGHT_NAME}", file=p
+            f"folder has none of {', '.join(str(f.folder_marker) for f in marked)}", file=p
         )
     if p.suffix.lower() in PICKLE_SUFFIXES:
-        return "peft" if (p.parent / peft.CONFIG_NAME).is_file() else "kohya"  # refused later
+        return "peft" if (p.parent / CONFIG_NAME).is_file() else "kohya"  # refused later
     keys = header_keys(p, max_bytes)
     if not keys:
         return "peft"  # unreadable header: let the reader raise the precise error
-    for name in ("kohya", "diffusers", "peft"):
-        if FORMATS[name].sniff(keys, None):
-            return name
+    by_keys = _formats("key_order")
+    for f in by_keys:
+        if f.sniff(keys, None):
+            return f.name
     sample = next((k for k in keys if "lora" not in k.lower()), keys[0])
     raise UnknownLayoutError(
-        "tensor names match none of the PEFT / diffusers / kohya LoRA layouts", file=p, key=sample
+        f"tensor names match none of the {' / '.join(f.name for f in by_keys)} LoRA layouts",
+        file=p,
+        key=sample,
     )

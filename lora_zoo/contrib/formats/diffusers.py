@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import save as st_save
 
 from lora_zoo._io import natural_key
+from lora_zoo.contrib.formats import AdapterFormat, register_format
 from lora_zoo.contrib.formats.common import config_reproduces, module_from_factors, peft_config_for
 from lora_zoo.contrib.formats.files import read_tensor_file
 from lora_zoo.contrib.formats.naming import UNET, canonical, old_diffusers_path, split_component
@@ -213,3 +214,10 @@ def write(record: LoraRecord, path: str | os.PathLike[str]) -> Path:
     p.write_bytes(st_save(state, metadata=meta))
     log.info("wrote diffusers LoRA %s (%d modules)", p, len(record))
     return p
+
+
+register_format(
+    AdapterFormat(
+        NAME, sniff, read, write, key_order=20, folder_marker=DEFAULT_WEIGHT_NAME, folder_order=20
+    )
+)

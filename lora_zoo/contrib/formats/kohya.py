@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import save as st_save
 
 from lora_zoo._io import natural_key
+from lora_zoo.contrib.formats import AdapterFormat, register_format
 from lora_zoo.contrib.formats.common import config_reproduces, module_from_factors, peft_config_for
 from lora_zoo.contrib.formats.files import read_tensor_file
 from lora_zoo.contrib.formats.naming import kohya_name, kohya_to_canonical, split_component
@@ -190,3 +191,15 @@ def write(record: LoraRecord, path: str | os.PathLike[str]) -> Path:
     p.write_bytes(st_save(state, metadata=meta))
     log.info("wrote kohya LoRA %s (%d modules)", p, len(record))
     return p
+
+
+register_format(
+    AdapterFormat(
+        NAME,
+        sniff,
+        read,
+        write,
+        key_order=10,
+        read_options=("known_modules", "assume_alpha_equals_rank"),
+    )
+)

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from lora_zoo.contrib.formats import AdapterFormat, register_format
 from lora_zoo.contrib.formats.common import peft_config_for
 from lora_zoo.contrib.formats.files import PICKLE_SUFFIXES, read_tensor_file
 from lora_zoo.contrib.formats.naming import split_component
@@ -116,3 +117,10 @@ def write(record: LoraRecord, path: str | os.PathLike[str]) -> Path:
     (out / WEIGHTS_NAME).write_bytes(rec.to_safetensors_bytes())
     log.info("wrote PEFT adapter %s (%d modules)", out, len(record))
     return out
+
+
+register_format(
+    AdapterFormat(
+        NAME, sniff, read, write, key_order=30, folder_marker=CONFIG_NAME, folder_order=10
+    )
+)
