@@ -43,8 +43,7 @@ import yaml
 
 from lora_zoo.build import plan as planlib
 from lora_zoo.build.api import JobSpec, TrainedLora
-from lora_zoo.build.backends.local import local_trainer
-from lora_zoo.build.backends.ray import ray_trainer
+from lora_zoo.build.backends import BACKENDS
 from lora_zoo.build.backends.store import build_key, open_store
 from lora_zoo.build.lock import work_dir_lock
 from lora_zoo.build.pack import _split_assignment, _work_dirs, pack
@@ -175,8 +174,7 @@ def run_jobs(
 
     if max_attempts < 1:
         raise BuildError("max_attempts must be >= 1", key="max_attempts")
-    if backend not in ("local", "ray"):
-        raise BuildError(f"unknown backend {backend!r} (local or ray)", key="backend")
+    trainer = BACKENDS.get(backend).trainer
     states = wd.current(jobs, max_attempts, retry_failed)
 
     def pending(j: JobSpec) -> bool:
@@ -191,12 +189,7 @@ def run_jobs(
     todo = [list(c) for c in (chunk_list or chunks(jobs, k)) if any(pending(j) for j in c)]
     if not todo:
         return states
-    if backend == "ray":
-        train = ray_trainer(
-            recipe, device, todo, store=store, build=build_name, options=backend_options
-        )
-    else:
-        train = local_trainer(recipe, device, store, build_name)
+    train = trainer(recipe, device, todo, store=store, build=build_name, options=backend_options)
     done0 = sum(s.state != PENDING for s in states.values())
     bar = tqdm(total=len(jobs), initial=done0, desc=recipe.name, unit="lora", disable=not progress)
     try:

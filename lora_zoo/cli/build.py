@@ -11,6 +11,8 @@ import argparse
 import json
 from typing import Any
 
+from lora_zoo.cli import LazyHelp
+
 
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="recipe YAML (or the name of a shipped recipe)")
@@ -44,7 +46,7 @@ def register(sub: Any) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--max-attempts", type=int, default=2, help="tries per chunk on exceptions")
     p.add_argument("--retry-failed", action="store_true", help="retry jobs that failed before")
-    p.add_argument("--backend", choices=("local", "ray"), default="local")
+    p.add_argument("--backend", default="local", help=LazyHelp(_backends_help))
     p.add_argument(
         "--store",
         default=None,
@@ -96,6 +98,25 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _backends_help() -> str:
+    from lora_zoo.build.backends import BACKENDS
+
+    return "where chunks train: " + "; ".join(f"{n}: {b.doc}" for n, b in BACKENDS.items())
+
+
+def _check_backend(name: str, options: dict[str, Any], device: str) -> None:
+    """The backend exists, takes every option given, and passes its pre-flight check."""
+    from lora_zoo.build.backends import BACKENDS, option_owner
+    from lora_zoo.errors import BuildError
+
+    backend = BACKENDS.get(name)
+    for opt in sorted(options):
+        if opt not in backend.options:
+            raise BuildError(f"--{opt.replace('_', '-')} needs --backend {option_owner(opt)}")
+    if backend.preflight is not None:
+        backend.preflight(device)
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     from lora_zoo.build.runner import build, parse_shard
 
@@ -106,14 +127,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         "gpus_per_worker": args.gpus_per_worker,
     }
     ray_opts = {key: v for key, v in ray_opts.items() if v is not None}
-    if ray_opts and args.backend != "ray":
-        from lora_zoo.errors import BuildError
-
-        raise BuildError(f"--{sorted(ray_opts)[0].replace('_', '-')} needs --backend ray")
-    if args.backend == "local":
-        from lora_zoo.build.backends.local import check_device
-
-        check_device(args.device)  # before any work dir is made
+    _check_backend(args.backend, ray_opts, args.device)  # before any work dir is made
     res = build(
         args.recipe,
         args.out,

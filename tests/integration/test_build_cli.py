@@ -145,7 +145,9 @@ def test_ray_two_workers_equal_local(tmp_path, ray_env, monkeypatch):
     def no_local(*a, **k):
         raise AssertionError("the ray backend trained in the driver")
 
-    monkeypatch.setattr(runner, "local_trainer", no_local)
+    from lora_zoo.build.backends import local as local_backend
+
+    monkeypatch.setattr(local_backend, "local_trainer", no_local)
     remote = runner.build(p, tmp_path / "ray", progress=False, backend="ray")
     assert remote.counts == local.counts == {"done": 4, "failed": 2, "pending": 0}
     assert [f["failed_step"] for f in remote.failed] == [f["failed_step"] for f in local.failed]

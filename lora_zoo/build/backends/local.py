@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from lora_zoo.build.backends import Backend, register_backend
 from lora_zoo.errors import DeviceUnavailableError
 
 
@@ -49,3 +50,25 @@ def local_trainer(recipe: Any, device: str, store: str | None = None, build: str
         return [from_plain(tl.job, to_plain(tl, st, build)) for tl in builder.train(chunk)]
 
     return train
+
+
+def _trainer(
+    recipe: Any,
+    device: str,
+    todo: Sequence[Sequence[Any]],
+    *,
+    store: str | None = None,
+    build: str = "",
+    options: Any = None,
+) -> Any:
+    return local_trainer(recipe, device, store, build)
+
+
+register_backend(
+    Backend(
+        "local",
+        _trainer,
+        preflight=check_device,
+        doc="one builder in this process trains every chunk",
+    )
+)

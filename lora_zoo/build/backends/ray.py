@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from lora_zoo.build.api import JobSpec
+from lora_zoo.build.backends import Backend, register_backend
 from lora_zoo.build.backends.local import cuda_device_count
 from lora_zoo.build.backends.results import from_plain, to_plain
 from lora_zoo.build.backends.store import open_store
@@ -197,5 +198,14 @@ def ray_trainer(
 
     return RayTrainer(_Dispatcher(ray, make_actor, n, todo, lookahead=max(8, 2 * n)))
 
+
+register_backend(
+    Backend(
+        "ray",
+        ray_trainer,
+        options=RAY_OPTIONS,
+        doc="one Ray actor per GPU (or --workers N) keeps its builder resident across chunks",
+    )
+)
 
 __all__ = ["RAY_OPTIONS", "ChunkWorker", "RayTrainer", "cuda_device_count", "ray_trainer"]
