@@ -23,14 +23,14 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from lora_zoo.contrib.formats import read_adapter
+from lora_zoo.contrib.formats import FORMATS, read_adapter
 from lora_zoo.contrib.formats.base_arch import module_shapes
 from lora_zoo.contrib.formats.common import check_against_shapes, delta_shape
 from lora_zoo.contrib.formats.detect import detect_format
@@ -206,9 +206,20 @@ def ingest(
     temporary folder under the lora_zoo cache that is removed afterwards, unless
     ``download_dir`` is given (then they are kept there, one sub-folder per Hub SRC).
     """
-    table: MetadataTable | None = read_table(metadata) if metadata else None
-    shapes = module_shapes(base_model) if base_model else None
+    if format != "auto":
+        FORMATS.get(format)  # a typo is one clear error, not one rejection per file
     max_bytes = None if max_file_mb is None else int(max_file_mb * 2**20)
+    opt = IngestOptions(
+        format=format,
+        table=read_table(metadata) if metadata else None,
+        labels=frozenset(labels),
+        shapes=module_shapes(base_model) if base_model else None,
+        base_name=str(base_model or ""),
+        collection=collection,
+        max_bytes=max_bytes,
+        allow_pickle_conversion=allow_pickle_conversion,
+        assume_alpha_equals_rank=assume_alpha_equals_rank,
+    )
     hub_srcs = [s for s in sources if is_hub_source(s)]
     cands, rejected = discover([s for s in sources if s not in hub_srcs])
     tmp: Path | None = None
@@ -221,11 +232,7 @@ def ingest(
         hub_report = fetch_all(hub_srcs, Path(download_dir or tmp or "."), revision=revision,
                                max_bytes=max_bytes, make_candidate=Candidate,
                                cands=cands, rejected=rejected)  # fmt: skip
-        report = _ingest(cands, rejected, out, format=format, table=table, labels=labels,
-                         shapes=shapes, base_name=str(base_model or ""), collection=collection,
-                         max_bytes=max_bytes, allow_pickle_conversion=allow_pickle_conversion,
-                         assume_alpha_equals_rank=assume_alpha_equals_rank, sources=sources,
-                         hub_report=hub_report)  # fmt: skip
+        report = _ingest(cands, rejected, out, opt, sources=sources, hub_report=hub_report)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -249,136 +256,176 @@ def _reject_candidate(c: Candidate, e: Exception) -> dict[str, Any]:
     return d
 
 
+@dataclass(frozen=True)
+class IngestOptions:
+    """How every candidate of one ingest is read, checked and stored (``ingest``'s arguments,
+    resolved: the metadata table read, the base model's module shapes looked up)."""
+
+    format: str = "auto"
+    table: MetadataTable | None = None
+    labels: frozenset[str] = frozenset()
+    shapes: dict[str, Any] | None = None
+    base_name: str = ""
+    collection: str = "default"
+    max_bytes: int | None = None
+    allow_pickle_conversion: bool = False
+    assume_alpha_equals_rank: bool = False
+
+
+@dataclass
+class _IngestState:
+    """What the ingest has seen so far (the collection-level checks need it)."""
+
+    accepted: list[dict[str, Any]] = field(default_factory=list)
+    duplicates: list[dict[str, Any]] = field(default_factory=list)
+    hashes: dict[str, str] = field(default_factory=dict)  # content sha256 -> first file
+    ref_shapes: dict[str, tuple[tuple[int, ...], str]] = field(default_factory=dict)
+    used_keys: set[str] = field(default_factory=set)
+    missing_rows: list[str] = field(default_factory=list)
+
+
+def _read_candidate(c: Candidate, opt: IngestOptions) -> tuple[LoraRecord, str]:
+    """The candidate's record and format, checked against the base model's shapes."""
+    _check_escape(c)
+    fmt = detect_format(c.path, opt.max_bytes) if opt.format == "auto" else opt.format
+    rec = read_adapter(
+        c.path,
+        fmt,
+        allow_pickle_conversion=opt.allow_pickle_conversion,
+        max_bytes=opt.max_bytes,
+        known_modules=list(opt.shapes) if opt.shapes else None,
+        assume_alpha_equals_rank=opt.assume_alpha_equals_rank,
+    )
+    if opt.shapes is not None:
+        check_against_shapes(rec, opt.shapes, file=c.display, what=f"base model {opt.base_name}")
+    return rec, fmt
+
+
+def _check_collection_shapes(rec: LoraRecord, c: Candidate, st: _IngestState) -> None:
+    """Same module, same collection: the same ΔW shape as the first LoRA that had it."""
+    for name, m in rec.modules.items():
+        got = delta_shape(m)
+        if name in st.ref_shapes and st.ref_shapes[name][0] != got:
+            want, first = st.ref_shapes[name]
+            raise ShapeMismatchError(
+                f"ΔW shape {got} differs from {want} in {first} (same module, "
+                "same collection: different base models?)",
+                file=c.path,
+                key=name,
+            )
+
+
+def _row(
+    c: Candidate, lora_id: str, fmt: str, digest: str, opt: IngestOptions, st: _IngestState
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(metadata, labels) of one row: provenance plus the metadata table's columns."""
+    meta: dict[str, Any] = {
+        "source_file": c.rel,
+        "source_format": fmt,
+        "content_sha256": digest,
+        **(c.provenance or {}),
+    }
+    labs: dict[str, Any] = {}
+    if opt.table is not None:
+        hit = opt.table.lookup([lora_id, c.rel, c.lora_id, c.path.name, Path(c.lora_id).name])
+        if hit is None:
+            st.missing_rows.append(lora_id)
+        else:
+            st.used_keys.add(hit[0])
+            for col, v in hit[1].items():
+                (labs if col in opt.labels else meta)[col] = v
+    return meta, labs
+
+
+def _ingest_one(w: ZooWriter, c: Candidate, opt: IngestOptions, st: _IngestState) -> None:
+    """Read, check and store one candidate (or record it as a duplicate); raises on rejection."""
+    rec, fmt = _read_candidate(c, opt)
+    _check_collection_shapes(rec, c, st)
+    digest = content_hash(rec)
+    if digest in st.hashes:
+        st.duplicates.append(
+            {"file": c.display, "duplicate_of": st.hashes[digest], "sha256": digest}
+        )
+        return
+    lora_id = c.lora_id
+    k = 2
+    while lora_id in w:
+        lora_id, k = f"{c.lora_id}~{k}", k + 1
+    meta, labs = _row(c, lora_id, fmt, digest, opt, st)
+    base = opt.base_name or str(rec.config.get("base_model_name_or_path") or "")
+    w.add(rec, lora_id=lora_id, metadata=meta, labels=labs, base_model=base,
+          collection=opt.collection)  # fmt: skip
+    st.hashes[digest] = c.display
+    for name, m in rec.modules.items():
+        st.ref_shapes.setdefault(name, (delta_shape(m), c.display))
+    st.accepted.append({"lora_id": lora_id, "file": c.display, "format": fmt,
+                        "modules": len(rec), "rank": max(rec.ranks.values())})  # fmt: skip
+    if c.provenance:
+        st.accepted[-1].update(hub_repo=c.provenance["hub_repo"],
+                               hub_commit=c.provenance["hub_commit"])  # fmt: skip
+
+
+def _report(
+    out: str | os.PathLike[str],
+    cands: list[Candidate],
+    rejected: list[dict[str, Any]],
+    opt: IngestOptions,
+    st: _IngestState,
+    sources: list[str],
+    hub_report: list[dict[str, Any]],
+) -> dict[str, Any]:
+    report: dict[str, Any] = {
+        "out": str(out),
+        "sources": list(sources),
+        "collection": opt.collection,
+        "base_model": opt.base_name,
+        "base_model_checked": opt.shapes is not None,
+        "counts": {
+            "candidates": len(cands),
+            "accepted": len(st.accepted),
+            "rejected": len(rejected),
+            "duplicates": len(st.duplicates),
+        },  # fmt: skip
+        "accepted": st.accepted,
+        "rejected": rejected,
+        "duplicates": st.duplicates,
+    }
+    table = opt.table
+    if table is not None:
+        report["metadata"] = {
+            "table": table.path,
+            "key_column": table.key_column,
+            "column_types": table.types,
+            "labels": sorted(opt.labels & set(table.types)),
+            "missing_rows": st.missing_rows,
+            "extra_rows": sorted(set(table.rows) - st.used_keys),
+            "type_errors": table.type_errors,
+        }
+    if hub_report:
+        report["hub"] = hub_report
+    return report
+
+
 def _ingest(
     cands: list[Candidate],
     rejected: list[dict[str, Any]],
     out: str | os.PathLike[str],
+    opt: IngestOptions,
     *,
-    format: str,
-    table: MetadataTable | None,
-    labels: list[str] | tuple[str, ...],
-    shapes: dict[str, Any] | None,
-    base_name: str,
-    collection: str,
-    max_bytes: int | None,
-    allow_pickle_conversion: bool,
-    assume_alpha_equals_rank: bool,
     sources: list[str],
     hub_report: list[dict[str, Any]],
 ) -> dict[str, Any]:
-    accepted: list[dict[str, Any]] = []
-    duplicates: list[dict[str, Any]] = []
-    hashes: dict[str, str] = {}
-    ref_shapes: dict[str, tuple[tuple[int, ...], str]] = {}
-    used_keys: set[str] = set()
-    missing_rows: list[str] = []
-    label_set = set(labels)
+    st = _IngestState()
     with ZooWriter(out, mode="create") as w:
         for c in tqdm(cands, desc="ingest", unit="lora", disable=len(cands) < 20):
             try:
-                _check_escape(c)
-                fmt = detect_format(c.path, max_bytes) if format == "auto" else format
-                rec = read_adapter(
-                    c.path,
-                    fmt,
-                    allow_pickle_conversion=allow_pickle_conversion,
-                    max_bytes=max_bytes,
-                    known_modules=list(shapes) if shapes else None,
-                    assume_alpha_equals_rank=assume_alpha_equals_rank,
-                )
-                if shapes is not None:
-                    check_against_shapes(
-                        rec, shapes, file=c.display, what=f"base model {base_name}"
-                    )
-                for name, m in rec.modules.items():  # consistency across the collection
-                    got = delta_shape(m)
-                    if name in ref_shapes and ref_shapes[name][0] != got:
-                        want, first = ref_shapes[name]
-                        raise ShapeMismatchError(
-                            f"ΔW shape {got} differs from {want} in {first} (same module, "
-                            "same collection: different base models?)",
-                            file=c.path,
-                            key=name,
-                        )
-                digest = content_hash(rec)
-                if digest in hashes:
-                    duplicates.append(
-                        {"file": c.display, "duplicate_of": hashes[digest], "sha256": digest}
-                    )
-                    continue
-                lora_id = c.lora_id
-                k = 2
-                while lora_id in w:
-                    lora_id, k = f"{c.lora_id}~{k}", k + 1
-                meta: dict[str, Any] = {
-                    "source_file": c.rel,
-                    "source_format": fmt,
-                    "content_sha256": digest,
-                    **(c.provenance or {}),
-                }
-                labs: dict[str, Any] = {}
-                if table is not None:
-                    hit = table.lookup(
-                        [lora_id, c.rel, c.lora_id, c.path.name, Path(c.lora_id).name]
-                    )
-                    if hit is None:
-                        missing_rows.append(lora_id)
-                    else:
-                        used_keys.add(hit[0])
-                        for col, v in hit[1].items():
-                            (labs if col in label_set else meta)[col] = v
-                base = base_name or str(rec.config.get("base_model_name_or_path") or "")
-                w.add(
-                    rec,
-                    lora_id=lora_id,
-                    metadata=meta,
-                    labels=labs,
-                    base_model=base,
-                    collection=collection,
-                )
+                _ingest_one(w, c, opt, st)
             except LoraZooError as e:
                 rejected.append(_reject_candidate(c, e))
-                continue
             except Exception as e:  # a bug or library error on one file must not stop the rest
                 log.exception("%s: unexpected error", c.display)
                 rejected.append(_reject_candidate(c, e))
-                continue
-            hashes[digest] = c.display
-            for name, m in rec.modules.items():
-                ref_shapes.setdefault(name, (delta_shape(m), c.display))
-            accepted.append({"lora_id": lora_id, "file": c.display, "format": fmt,
-                             "modules": len(rec), "rank": max(rec.ranks.values())})  # fmt: skip
-            if c.provenance:
-                accepted[-1].update(hub_repo=c.provenance["hub_repo"],
-                                    hub_commit=c.provenance["hub_commit"])  # fmt: skip
-        report: dict[str, Any] = {
-            "out": str(out),
-            "sources": list(sources),
-            "collection": collection,
-            "base_model": base_name,
-            "base_model_checked": shapes is not None,
-            "counts": {
-                "candidates": len(cands),
-                "accepted": len(accepted),
-                "rejected": len(rejected),
-                "duplicates": len(duplicates),
-            },  # fmt: skip
-            "accepted": accepted,
-            "rejected": rejected,
-            "duplicates": duplicates,
-        }
-        if table is not None:
-            report["metadata"] = {
-                "table": table.path,
-                "key_column": table.key_column,
-                "column_types": table.types,
-                "labels": sorted(label_set & set(table.types)),
-                "missing_rows": missing_rows,
-                "extra_rows": sorted(set(table.rows) - used_keys),
-                "type_errors": table.type_errors,
-            }
-        if hub_report:
-            report["hub"] = hub_report
+        report = _report(out, cands, rejected, opt, st, sources, hub_report)
         info = {k: report[k] for k in ("sources", "collection", "base_model", "counts")}
         if hub_report:  # zoo-level provenance: which repos at which commits
             info["hub"] = [{k: h.get(k) for k in ("source", "repo_id", "revision", "commit")}
