@@ -148,6 +148,99 @@ def push(
     return _push_fsspec(root, spec, files, manifest, storage_options, progress=progress)
 
 
+def _hub_head(api: Any, spec: Any, private: bool) -> Any:
+    """Create the repo (and the branch) when missing; the commit the push builds on."""
+    repo_id, rtype, rev = spec.repo_id, spec.repo_type, spec.revision
+    api.create_repo(repo_id, repo_type=rtype, private=private, exist_ok=True)
+    if rev is not None and not rev.startswith("refs/"):
+        refs = api.list_repo_refs(repo_id, repo_type=rtype)
+        if rev not in {b.name for b in refs.branches}:
+            api.create_branch(repo_id, branch=rev, repo_type=rtype, exist_ok=True)
+    return api.repo_info(repo_id, repo_type=rtype, revision=rev).sha
+
+
+def _hub_operations(
+    api: Any,
+    spec: Any,
+    head: Any,
+    root: Path,
+    files: list[str],
+    manifest: dict[str, Any],
+    res: PushResult,
+) -> tuple[list[Any], list[Any]]:
+    """(adds, deletes): files whose bytes the remote lacks (an LFS file compared by sha256, a
+    small one by git blob id), and managed remote files the zoo no longer has."""
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+    from huggingface_hub.hf_api import RepoFile
+
+    remote = {
+        f.path: f
+        for f in api.list_repo_tree(
+            spec.repo_id, repo_type=spec.repo_type, revision=head, recursive=True
+        )
+        if isinstance(f, RepoFile)
+    }
+    shard_sha = {sh["path"]: sh["sha256"] for _s, sh in all_shards(manifest)}
+    adds = []
+    for rel in files:
+        path = root / rel
+        have = remote.get(rel)
+        if have is not None:
+            if have.lfs is not None:
+                same = have.lfs.sha256 == shard_sha.get(rel, None) or (
+                    have.size == path.stat().st_size and have.lfs.sha256 == sha256_local(path)
+                )
+            else:
+                same = have.blob_id == _git_sha1(path)
+            if same:
+                res.unchanged.append(rel)
+                continue
+        adds.append(CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(path)))
+        res.uploaded.append(rel)
+    local = set(files)
+    dels = [
+        CommitOperationDelete(path_in_repo=p)
+        for p in sorted(remote)
+        if p.split("/", 1)[0] in MANAGED_DIRS and p not in local
+    ]
+    res.deleted = [d.path_in_repo for d in dels]
+    return adds, dels
+
+
+def _hub_commit(
+    api: Any,
+    spec: Any,
+    head: Any,
+    adds: list[Any],
+    dels: list[Any],
+    *,
+    n_rows: int,
+    create_pr: bool,
+    message: str | None,
+    batch_files: int,
+    progress: bool,
+) -> Any:
+    """LFS uploads first, in batches (each finished batch survives an interruption), then one
+    commit of every change on top of ``head``."""
+    from tqdm.auto import tqdm
+
+    repo_id, rtype, rev = spec.repo_id, spec.repo_type, spec.revision
+    batches = [adds[i : i + batch_files] for i in range(0, len(adds), batch_files)]
+    for batch in tqdm(batches, desc="upload", unit="batch", disable=not progress):
+        api.preupload_lfs_files(
+            repo_id, additions=batch, repo_type=rtype, revision=rev, create_pr=create_pr
+        )
+    return api.create_commit(
+        repo_id,
+        operations=[*adds, *dels],
+        commit_message=message or f"lora-zoo push: {n_rows} LoRAs, {len(adds)} file(s) changed",
+        repo_type=rtype,
+        revision=rev,
+        create_pr=create_pr,
+        parent_commit=None if create_pr else head,
+    )
+
+
 def _push_hub(
     root: Path,
     spec: Any,
@@ -162,69 +255,28 @@ def _push_hub(
     batch_files: int,
     progress: bool,
 ) -> PushResult:
-    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
     from huggingface_hub.errors import HfHubHTTPError
-    from huggingface_hub.hf_api import RepoFile
-    from tqdm.auto import tqdm
 
     api = hub_api(endpoint, token)
-    repo_id, rtype, rev = spec.repo_id, spec.repo_type, spec.revision
     res = PushResult(target=spec.url)
     try:
-        api.create_repo(repo_id, repo_type=rtype, private=private, exist_ok=True)
-        if rev is not None and not rev.startswith("refs/"):
-            refs = api.list_repo_refs(repo_id, repo_type=rtype)
-            if rev not in {b.name for b in refs.branches}:
-                api.create_branch(repo_id, branch=rev, repo_type=rtype, exist_ok=True)
-        head = api.repo_info(repo_id, repo_type=rtype, revision=rev).sha
-        remote = {
-            f.path: f
-            for f in api.list_repo_tree(repo_id, repo_type=rtype, revision=head, recursive=True)
-            if isinstance(f, RepoFile)
-        }
-        shard_sha = {sh["path"]: sh["sha256"] for _s, sh in all_shards(manifest)}
-        adds = []
-        for rel in files:
-            path = root / rel
-            have = remote.get(rel)
-            if have is not None:
-                if have.lfs is not None:
-                    same = have.lfs.sha256 == shard_sha.get(rel, None) or (
-                        have.size == path.stat().st_size and have.lfs.sha256 == sha256_local(path)
-                    )
-                else:
-                    same = have.blob_id == _git_sha1(path)
-                if same:
-                    res.unchanged.append(rel)
-                    continue
-            adds.append(CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(path)))
-            res.uploaded.append(rel)
-        local = set(files)
-        dels = [
-            CommitOperationDelete(path_in_repo=p)
-            for p in sorted(remote)
-            if p.split("/", 1)[0] in MANAGED_DIRS and p not in local
-        ]
-        res.deleted = [d.path_in_repo for d in dels]
+        head = _hub_head(api, spec, private)
+        adds, dels = _hub_operations(api, spec, head, root, files, manifest, res)
         if not adds and not dels:
-            log.info("%s is already up to date at %s", repo_id, head)
+            log.info("%s is already up to date at %s", spec.repo_id, head)
             res.commit = head
             return res
-        # LFS uploads first, in batches: each finished batch survives an interruption.
-        batches = [adds[i : i + batch_files] for i in range(0, len(adds), batch_files)]
-        for batch in tqdm(batches, desc="upload", unit="batch", disable=not progress):
-            api.preupload_lfs_files(
-                repo_id, additions=batch, repo_type=rtype, revision=rev, create_pr=create_pr
-            )
-        n = manifest["num_rows"]
-        info = api.create_commit(
-            repo_id,
-            operations=[*adds, *dels],
-            commit_message=message or f"lora-zoo push: {n} LoRAs, {len(adds)} file(s) changed",
-            repo_type=rtype,
-            revision=rev,
+        info = _hub_commit(
+            api,
+            spec,
+            head,
+            adds,
+            dels,
+            n_rows=manifest["num_rows"],
             create_pr=create_pr,
-            parent_commit=None if create_pr else head,
+            message=message,
+            batch_files=batch_files,
+            progress=progress,
         )
     except (HfHubHTTPError, RuntimeError, OSError) as e:  # RuntimeError wraps failed uploads
         raise RemoteError(
@@ -235,7 +287,7 @@ def _push_hub(
     res.commit, res.url, res.pr_url = info.oid, info.commit_url, info.pr_url
     log.info(
         "pushed %s: %d uploaded, %d unchanged, %d deleted (commit %s)",
-        repo_id,
+        spec.repo_id,
         len(res.uploaded),
         len(res.unchanged),
         len(res.deleted),
