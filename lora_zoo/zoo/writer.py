@@ -281,6 +281,27 @@ class ZooWriter:
         collection: str = "default",
     ) -> None:
         """Buffer one LoRA; rows go to disk a row group at a time."""
+        self._check_id(lora_id)
+        st = self._split(split)
+        if self.validate:
+            record.validate(file=lora_id)
+        row, new_types, new_roles = self._columns(lora_id, metadata, labels)
+        weights = record.to_safetensors_bytes()
+        row.update(
+            lora_id=lora_id,
+            weights=weights,
+            adapter_config=json.dumps(record.config, sort_keys=True),
+            base_model=base_model,
+            collection=collection,
+            rank=max((m.rank for m in record.modules.values()), default=0),
+            num_modules=len(record.modules),
+        )
+        self._types.update(new_types)
+        self._roles.update(new_roles)
+        self._ids.add(lora_id)
+        self._buffer(st, row, len(weights) + _ROW_OVERHEAD)
+
+    def _check_id(self, lora_id: str) -> None:
         if self._closed:
             raise ZooFormatError("writer is closed", file=self.root)
         if not isinstance(lora_id, str) or not lora_id:
@@ -293,9 +314,12 @@ class ZooWriter:
             raise DuplicateIdError(
                 f"lora_id {lora_id!r} is already in the zoo", file=self.root, key="lora_id"
             )
-        st = self._split(split)
-        if self.validate:
-            record.validate(file=lora_id)
+
+    def _columns(
+        self, lora_id: str, metadata: dict[str, Any] | None, labels: dict[str, Any] | None
+    ) -> tuple[dict[str, Any], dict[str, pa.DataType], dict[str, str]]:
+        """The row's metadata and label cells, with each column's unified type and role; the
+        writer's own schema is updated by the caller only once the whole row is good."""
         row: dict[str, Any] = {}
         new_types: dict[str, pa.DataType] = {}
         new_roles: dict[str, str] = {}
@@ -328,22 +352,12 @@ class ZooWriter:
                         key=name,
                     )
                 new_types[name], new_roles[name], row[name] = u, role, value
-        weights = record.to_safetensors_bytes()
-        row.update(
-            lora_id=lora_id,
-            weights=weights,
-            adapter_config=json.dumps(record.config, sort_keys=True),
-            base_model=base_model,
-            collection=collection,
-            rank=max((m.rank for m in record.modules.values()), default=0),
-            num_modules=len(record.modules),
-        )
-        self._types.update(new_types)
-        self._roles.update(new_roles)
-        self._ids.add(lora_id)
-        size = len(weights) + _ROW_OVERHEAD
-        # bounds are upper bounds: flush / roll *before* a row would cross them (a single row
-        # larger than a bound still gets its own row group / shard)
+        return row, new_types, new_roles
+
+    def _buffer(self, st: _Split, row: dict[str, Any], size: int) -> None:
+        """Append a row to its split's buffer. Bounds are upper bounds: flush / roll *before*
+        a row would cross them (a single row larger than a bound still gets its own row group
+        / shard)."""
         if st.buffer and st.buffer_bytes + size > self.row_group_max_bytes:
             self._flush(st)
         in_shard = (st.open.nbytes if st.open else 0) + st.buffer_bytes
