@@ -202,28 +202,9 @@ def diff_zoos(
     diffs = rep.differences
     cols_a = {c["name"]: c for c in za.manifest["columns"]}
     cols_b = {c["name"]: c for c in zb.manifest["columns"]}
-    for name in sorted(set(cols_a) ^ set(cols_b)):
-        side = "A" if name in cols_a else "B"
-        diffs.append(Difference(None, "columns", f"column {name!r} only in {side}"))
-    for name in sorted(set(cols_a) & set(cols_b)):
-        ca, cb = cols_a[name], cols_b[name]
-        if (ca["type"], ca["role"]) != (cb["type"], cb["role"]):
-            diffs.append(
-                Difference(
-                    None,
-                    "columns",
-                    f"{name!r}: {ca['type']}/{ca['role']} != {cb['type']}/{cb['role']}",
-                )
-            )
+    diffs += _diff_columns(cols_a, cols_b)
     ia, ib = _index(za), _index(zb)
-    only_b = [x for x in ib if x not in ia]
-    only_a = [] if subset else [x for x in ia if x not in ib]
-    for lid in only_a[:100]:
-        diffs.append(Difference(lid, "ids", "only in A"))
-    for lid in only_b[:100]:
-        diffs.append(Difference(lid, "ids", "only in B"))
-    if len(only_a) + len(only_b) > 200:
-        diffs.append(Difference(None, "ids", f"{len(only_a)} only in A, {len(only_b)} only in B"))
+    diffs += _diff_ids(ia, ib, subset)
     common = [x for x in ib if x in ia]
     shared = [n for n in cols_a if n in cols_b and n != "weights"]
     rows_a = _rows(za, shared)
@@ -232,20 +213,7 @@ def diff_zoos(
         (sa, i), (sb, j) = ia[lid], ib[lid]
         if sa != sb:
             diffs.append(Difference(lid, "split", f"in {sa!r} in A but {sb!r} in B"))
-        ra, rb = rows_a[sa][i], rows_b[sb][j]
-        for name in shared:
-            x, y = ra[name], rb[name]
-            if cols_a[name]["role"] == ROLE_LABEL:
-                ok, d = _close(x, y, atol, rtol)
-                rep.max_abs_labels = max(rep.max_abs_labels, d)
-                if not ok:
-                    diffs.append(Difference(lid, name, f"label {x!r} != {y!r} (|Δ| {d:.3g})", d))
-            elif name == "adapter_config":
-                if json.loads(x) != json.loads(y):
-                    diffs.append(Difference(lid, name, "adapter configs differ"))
-            elif not _same_exact(x, y):
-                role = "metadata" if cols_a[name]["role"] == ROLE_METADATA else "core"
-                diffs.append(Difference(lid, name, f"{role} {_short(x)} != {_short(y)}"))
+        _diff_cells(rep, lid, rows_a[sa][i], rows_b[sb][j], shared, cols_a)
         wa, wb = za[sa].weights_bytes(i), zb[sb].weights_bytes(j)
         if wa != wb:  # identical bytes need no decoding
             rec_a = LoraRecord.from_safetensors_bytes(wa, file=f"A:{lid}", lora_id=lid)
@@ -256,6 +224,64 @@ def diff_zoos(
         rep.compared += 1
     log.info("diff: %d compared, %d differences", rep.compared, len(diffs))
     return rep
+
+
+def _diff_columns(
+    cols_a: dict[str, dict[str, Any]], cols_b: dict[str, dict[str, Any]]
+) -> list[Difference]:
+    """Columns only on one side, or with another type / role."""
+    out = []
+    for name in sorted(set(cols_a) ^ set(cols_b)):
+        side = "A" if name in cols_a else "B"
+        out.append(Difference(None, "columns", f"column {name!r} only in {side}"))
+    for name in sorted(set(cols_a) & set(cols_b)):
+        ca, cb = cols_a[name], cols_b[name]
+        if (ca["type"], ca["role"]) != (cb["type"], cb["role"]):
+            out.append(
+                Difference(
+                    None,
+                    "columns",
+                    f"{name!r}: {ca['type']}/{ca['role']} != {cb['type']}/{cb['role']}",
+                )
+            )
+    return out
+
+
+def _diff_ids(ia: dict[str, Any], ib: dict[str, Any], subset: bool) -> list[Difference]:
+    """LoRAs only on one side (the first 100 of each, then a count)."""
+    only_b = [x for x in ib if x not in ia]
+    only_a = [] if subset else [x for x in ia if x not in ib]
+    out = [Difference(lid, "ids", "only in A") for lid in only_a[:100]]
+    out += [Difference(lid, "ids", "only in B") for lid in only_b[:100]]
+    if len(only_a) + len(only_b) > 200:
+        out.append(Difference(None, "ids", f"{len(only_a)} only in A, {len(only_b)} only in B"))
+    return out
+
+
+def _diff_cells(
+    rep: DiffReport,
+    lid: str,
+    ra: dict[str, Any],
+    rb: dict[str, Any],
+    shared: list[str],
+    cols_a: dict[str, dict[str, Any]],
+) -> None:
+    """One LoRA's non-weight cells: labels within tolerance, configs as JSON, the rest exact."""
+    for name in shared:
+        x, y = ra[name], rb[name]
+        if cols_a[name]["role"] == ROLE_LABEL:
+            ok, d = _close(x, y, rep.atol, rep.rtol)
+            rep.max_abs_labels = max(rep.max_abs_labels, d)
+            if not ok:
+                rep.differences.append(
+                    Difference(lid, name, f"label {x!r} != {y!r} (|Δ| {d:.3g})", d)
+                )
+        elif name == "adapter_config":
+            if json.loads(x) != json.loads(y):
+                rep.differences.append(Difference(lid, name, "adapter configs differ"))
+        elif not _same_exact(x, y):
+            role = "metadata" if cols_a[name]["role"] == ROLE_METADATA else "core"
+            rep.differences.append(Difference(lid, name, f"{role} {_short(x)} != {_short(y)}"))
 
 
 def _rows(zoo: Any, cols: list[str]) -> dict[str, list[dict[str, Any]]]:
