@@ -12,9 +12,8 @@ import json
 import os
 from pathlib import Path
 
-from lora_zoo.contrib.formats import FORMATS, AdapterFormat
 from lora_zoo.contrib.formats.files import PICKLE_SUFFIXES, check_size, looks_pickled
-from lora_zoo.contrib.formats.peft import CONFIG_NAME
+from lora_zoo.contrib.formats.registry import FORMATS, AdapterFormat
 from lora_zoo.errors import UnknownLayoutError
 
 
@@ -53,7 +52,8 @@ def detect_format(path: str | os.PathLike[str], max_bytes: int | None = None) ->
             f"folder has none of {', '.join(str(f.folder_marker) for f in marked)}", file=p
         )
     if p.suffix.lower() in PICKLE_SUFFIXES:
-        return "peft" if (p.parent / CONFIG_NAME).is_file() else "kohya"  # refused later
+        marker = str(FORMATS.get("peft").folder_marker)  # adapter_config.json beside it: PEFT
+        return "peft" if (p.parent / marker).is_file() else "kohya"  # refused later
     keys = header_keys(p, max_bytes)
     if not keys:
         return "peft"  # unreadable header: let the reader raise the precise error

@@ -21,10 +21,10 @@ import torch
 from safetensors.torch import save as st_save
 
 from lora_zoo._io import natural_key
-from lora_zoo.contrib.formats import AdapterFormat, register_format
 from lora_zoo.contrib.formats.common import config_reproduces, module_from_factors, peft_config_for
 from lora_zoo.contrib.formats.files import read_tensor_file
 from lora_zoo.contrib.formats.naming import kohya_name, kohya_to_canonical, split_component
+from lora_zoo.contrib.formats.registry import AdapterFormat, register_format
 from lora_zoo.errors import (
     MissingAlphaError,
     MissingPairError,

@@ -15,10 +15,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from lora_zoo.contrib.formats import AdapterFormat, register_format
 from lora_zoo.contrib.formats.common import peft_config_for
 from lora_zoo.contrib.formats.files import PICKLE_SUFFIXES, read_tensor_file
 from lora_zoo.contrib.formats.naming import split_component
+from lora_zoo.contrib.formats.registry import AdapterFormat, register_format
 from lora_zoo.errors import CorruptFileError, MissingAlphaError, UnsupportedVariantError
 from lora_zoo.record import LoraRecord
 
