@@ -417,3 +417,11 @@ def load_safetensors_bytes(data: bytes, *, file: str | None = None) -> dict[str,
 def safetensors_metadata(data: bytes, *, file: str | None = None) -> dict[str, str]:
     """The validated header's ``__metadata__`` (tensors untouched)."""
     return dict(parse_safetensors(data, file=file).metadata)
+
+
+def cell_modules(data: bytes, *, file: str | None = None) -> tuple[list[str], list[str]]:
+    """(module names, dtypes) of a weights cell from its validated header alone (``info``,
+    cards): names by ``PEFT_KEY_RE``, the one rule for what a factor's key means."""
+    h = parse_safetensors(data, file=file)
+    mods = {m.group(1) for t in h.tensors if (m := PEFT_KEY_RE.match(t.name))}
+    return sorted(mods), sorted({t.dtype for t in h.tensors})

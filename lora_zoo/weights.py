@@ -230,8 +230,7 @@ def _tensor(name: str, info: Any, file: str | None) -> TensorSpec:
     nbytes = math.prod(shape) * DTYPE_BYTES[dtype]
     if end < start or end - start != nbytes:
         raise CorruptFileError(
-            f"shape {shape} of {dtype} needs {nbytes} bytes but data_offsets span "
-            f"[{start}, {end})",
+            f"shape {shape} of {dtype} needs {nbytes} bytes but data_offsets span [{start}, {end})",
             file=file,
             key=name,
         )

@@ -246,10 +246,10 @@ def diff_zoos(
             elif not _same_exact(x, y):
                 role = "metadata" if cols_a[name]["role"] == ROLE_METADATA else "core"
                 diffs.append(Difference(lid, name, f"{role} {_short(x)} != {_short(y)}"))
-        wa, wb = za[sa].weights_bytes(i), zb[sb].weights_bytes(j)
+        (_, wa, ca), (_, wb, cb) = za[sa].cell(i), zb[sb].cell(j)
         if wa != wb:  # identical bytes need no decoding
-            rec_a = LoraRecord.from_safetensors_bytes(wa, file=f"A:{lid}", lora_id=lid)
-            rec_b = LoraRecord.from_safetensors_bytes(wb, file=f"B:{lid}", lora_id=lid)
+            rec_a = LoraRecord.from_safetensors_bytes(wa, ca, file=f"A:{lid}", lora_id=lid)
+            rec_b = LoraRecord.from_safetensors_bytes(wb, cb, file=f"B:{lid}", lora_id=lid)
             d_list, worst = compare_records(lid, rec_a, rec_b, atol, rtol)
             diffs += d_list
             rep.max_abs_weights = max(rep.max_abs_weights, worst)

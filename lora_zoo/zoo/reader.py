@@ -168,7 +168,9 @@ class ZooSplit:
             i += take
         if not parts:
             sch = self.zoo.schema
-            return (sch if columns is None else pa.schema([sch.field(c) for c in cols])).empty_table()
+            return (
+                sch if columns is None else pa.schema([sch.field(c) for c in cols])
+            ).empty_table()
         return parts[0] if len(parts) == 1 else pa.concat_tables(parts)
 
     def _row_group(self, k: int, g: int, columns: tuple[str, ...]) -> pa.Table:
@@ -219,8 +221,7 @@ class ZooSplit:
             for i, lid in enumerate(self.ids):
                 if index.setdefault(lid, i) != i:
                     raise IntegrityError(
-                        f"lora_id appears twice in split {self.name!r} (rows {index[lid]} and "
-                        f"{i})",
+                        f"lora_id appears twice in split {self.name!r} (rows {index[lid]} and {i})",
                         file=self.zoo.source,
                         key=str(lid),
                     )
