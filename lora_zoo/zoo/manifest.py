@@ -36,6 +36,7 @@ from lora_zoo.zoo.schema import (
     README_NAME,
     ROLES,
     SPLITS_DIR,
+    check_core_types,
     schema_matches,
 )
 
@@ -251,6 +252,7 @@ def _check_shard(
             diff = schema_matches(pf.schema_arrow, columns)
             if diff:
                 out.append(f"{rel}: {diff}")
+            check_core_types(pf.schema_arrow, file=rel)
             got: list[Any] = []
             for g in range(md.num_row_groups):
                 with reading(path, f"row group {g}"):
@@ -263,8 +265,10 @@ def _check_shard(
                 got += part
             with reading(path, "lora_id"):
                 whole = pf.read(columns=["lora_id"]).column(0).to_pylist()
+    except ZooFormatError as e:
+        return [*out, str(e)]
     except Exception as e:  # unreadable Parquet: report, keep checking the rest
-        return [f"{rel}: not readable Parquet ({e})"]
+        return [*out, f"{rel}: not readable Parquet ({e})"]
     if whole != got:
         out.append(f"{rel}: the row groups hold other rows than the whole file ({len(got)} vs "
                    f"{len(whole)})")  # fmt: skip
