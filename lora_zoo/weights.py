@@ -249,6 +249,13 @@ def _check_spans(specs: tuple[TensorSpec, ...], body: int | None, file: str | No
                 file=file,
                 key=t.name,
             )
+        if body is not None and t.end > body:
+            raise CorruptFileError(
+                f"tensor data ends at byte {t.end} of the data section but only {body} bytes "
+                "are present: the file is truncated",
+                file=file,
+                key=t.name,
+            )
         pos = t.end
     if body is not None and pos != body:
         raise CorruptFileError(
