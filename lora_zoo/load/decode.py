@@ -23,7 +23,13 @@ import numpy as np
 import torch
 
 from lora_zoo._io import natural_key
-from lora_zoo.errors import CorruptFileError, MissingPairError, NonFiniteError, ShapeMismatchError
+from lora_zoo.errors import (
+    CorruptFileError,
+    MissingPairError,
+    NonFiniteError,
+    ShapeMismatchError,
+    reading,
+)
 from lora_zoo.load.threads import single_threaded
 from lora_zoo.record import PEFT_KEY_RE, cell_config, peft_rank_alpha_scale
 from lora_zoo.weights import MAX_HEADER_BYTES, parse_header
@@ -148,6 +154,22 @@ def decode_weight_batch(
     Parsed headers and the per-layout checks are cached per process (keyed on the header bytes
     and config), so a streaming epoch parses each distinct header once, not once per batch.
     """
+    with reading(where, "weights"):  # anything unnamed below is still a named zoo error
+        return _decode_weight_batch(
+            weights, configs, fold_scale, where, ids, validate, select, consume
+        )
+
+
+def _decode_weight_batch(
+    weights: Any,
+    configs: Sequence[str | None] | None,
+    fold_scale: bool,
+    where: str,
+    ids: Sequence[str] | None,
+    validate: bool,
+    select: Callable[[list[str]], list[str]] | None,
+    consume: bool,
+) -> list[tuple[np.ndarray, Factors]]:
     import pyarrow as pa
 
     label = (lambda i: f"{where}:{ids[i]}") if ids is not None else (lambda i: where)

@@ -252,9 +252,10 @@ class ZooSplit:
         k = self._locate(self._resolve(i))[0]
         lid, weights, cfg = self.cell(i)
         where = f"{self.zoo.source}:{self._shards[k]['path']}:{lid}"
-        return LoraRecord.from_safetensors_bytes(
-            weights, cfg, file=where, lora_id=lid, validate=validate
-        )
+        with reading(where, "weights"):
+            return LoraRecord.from_safetensors_bytes(
+                weights, cfg, file=where, lora_id=lid, validate=validate
+            )
 
     def __getitem__(self, i: int | str) -> LoraRecord:
         return self.record(i)
