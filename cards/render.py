@@ -10,7 +10,6 @@ the Parquet columns (recipe, provenance, label statistics), so re-rendering is d
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -25,6 +24,7 @@ import yaml
 
 from lora_zoo.cards.bench import read_bench
 from lora_zoo.errors import ZooFormatError
+from lora_zoo.record import cell_modules
 from lora_zoo.zoo.card_min import configs_header
 from lora_zoo.zoo.schema import README_NAME
 
@@ -272,14 +272,9 @@ def _modules_and_dtypes(zoo: Any) -> tuple[dict[str, Any], list[str]]:
     first = next((s for s in zoo.splits if len(zoo[s])), None)
     if first is None:
         return {"count": 0, "first": None}, []
-    data = zoo[first].weights_bytes(0)
-    n = int.from_bytes(data[:8], "little")
-    h = json.loads(data[8 : 8 + n])
-    h.pop("__metadata__", None)
-    mods = sorted({k.removeprefix("base_model.model.").rsplit(".lora_", 1)[0] for k in h})
-    return {"count": len(mods), "first": mods[0] if mods else None}, sorted(
-        {v["dtype"] for v in h.values()}
-    )
+    lid, data, _ = zoo[first].cell(0)
+    mods, dtypes = cell_modules(data, file=f"{zoo.source}:{lid}")
+    return {"count": len(mods), "first": mods[0] if mods else None}, dtypes
 
 
 def bench_rows(zoo: Any) -> dict[str, Any] | None:

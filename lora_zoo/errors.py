@@ -7,6 +7,8 @@ useless. ``str(err)`` always reads ``<file>: <key>: <message>`` (parts omitted w
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from os import PathLike
 
 
@@ -154,3 +156,32 @@ class IncompatibleBaseModelError(LoraZooError):
 
 class DeviceUnavailableError(BuildError):
     """``--device cuda`` where this process (or the Ray cluster) has no CUDA device."""
+
+
+class ConfigMismatchError(ScaleMismatchError, ZooFormatError):
+    """A weights cell's embedded ``lora_zoo.config`` differs from its row's ``adapter_config``
+    (the source of truth, docs/FORMAT.md): loaders reading either half would disagree."""
+
+
+@contextmanager
+def reading(
+    file: str | PathLike[str] | None,
+    key: str | None = None,
+    *,
+    error: type[LoraZooError] = CorruptFileError,
+) -> Iterator[None]:
+    """The read-side error boundary: any exception raised while reading a zoo's bytes
+    (pyarrow, JSON, UTF-8, recursion, OS, safetensors) leaves as ``error`` naming ``file``
+    and ``key`` (a shard, a row group, a lora_id). Named errors pass through untouched.
+
+    Why one wrapper at the places bytes are read, not a try per call: the failure modes of a
+    stranger's bytes are a class without a list; only the boundary is finite."""
+    try:
+        yield
+    except LoraZooError:
+        raise
+    except FileNotFoundError as e:
+        raise ZooFormatError(f"a file the zoo lists is missing ({e})", file=file, key=key) from e
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        raise error(f"unreadable ({type(e).__name__}: {msg})", file=file, key=key) from e

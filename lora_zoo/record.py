@@ -21,6 +21,7 @@ from safetensors.torch import save as st_save
 
 from lora_zoo._io import natural_key
 from lora_zoo.errors import (
+    ConfigMismatchError,
     CorruptFileError,
     MissingPairError,
     NonFiniteError,
@@ -29,6 +30,7 @@ from lora_zoo.errors import (
     UnknownLayoutError,
     UnsupportedVariantError,
 )
+from lora_zoo.weights import parse_safetensors
 
 PEFT_PREFIX = "base_model.model."
 
@@ -40,6 +42,7 @@ _UNSUPPORTED_CONFIG = {
     "trainable_token_indices": (None, {}, []),
 }
 
+CONFIG_META = "lora_zoo.config"  # header key: the adapter config, embedded for loose files
 FIFO_META = "lora_zoo.fan_in_fan_out_modules"  # header key: Conv1D-style modules of a mixed adapter
 
 # a PEFT factor name: "[base_model.model.]<module>.lora_A|B[.<adapter>].weight"
@@ -295,7 +298,7 @@ class LoraRecord:
         return rec
 
     def to_safetensors_bytes(self, metadata: Mapping[str, str] | None = None) -> bytes:
-        meta = {"format": "pt", "lora_zoo.config": json.dumps(self.config, sort_keys=True)}
+        meta = {"format": "pt", CONFIG_META: json.dumps(self.config, sort_keys=True)}
         fifo = sorted((n for n, m in self.modules.items() if m.fan_in_fan_out), key=natural_key)
         if fifo and len(fifo) < len(self.modules):
             # PEFT decides fan_in_fan_out per layer (Conv1D yes, Linear no); one config flag
@@ -308,22 +311,72 @@ class LoraRecord:
     def from_safetensors_bytes(
         cls,
         data: bytes,
-        config: Mapping[str, Any] | None = None,
+        config: Mapping[str, Any] | str | None = None,
         *,
         file: str | None = None,
         lora_id: str | None = None,
         validate: bool = True,
     ) -> LoraRecord:
-        """Decode zoo weight bytes. ``config`` defaults to the one embedded in the header."""
-        state = load_safetensors_bytes(data, file=file)
-        meta = safetensors_metadata(data)
-        if config is None:
-            config = json.loads(meta.get("lora_zoo.config", "{}"))
-        fifo = json.loads(meta[FIFO_META]) if FIFO_META in meta else None
+        """Decode a weights cell. ``config`` is the row's ``adapter_config`` (dict or JSON
+        text): the source of truth (docs/FORMAT.md); an embedded ``lora_zoo.config`` must equal
+        it. Without one (a loose file), the embedded config, else ``{}``."""
+        header = parse_safetensors(data, file=file)
+        state = _tensors(data, file)
+        meta = header.metadata
+        cfg = cell_config(config, meta, file=file)
+        try:
+            fifo = json.loads(meta[FIFO_META]) if FIFO_META in meta else None
+        except ValueError as e:
+            raise CorruptFileError(f"not JSON ({e})", file=file, key=FIFO_META) from e
+        if fifo is not None and not (
+            isinstance(fifo, list) and all(isinstance(x, str) for x in fifo)
+        ):
+            raise CorruptFileError("must be a list of module names", file=file, key=FIFO_META)
         return cls.from_peft_state_dict(
-            state, config, file=file, lora_id=lora_id, validate=validate,
+            state, cfg, file=file, lora_id=lora_id, validate=validate,
             fan_in_fan_out_modules=fifo,
         )  # fmt: skip
+
+
+def _json_object(text: str, *, file: str | None, key: str) -> dict[str, Any]:
+    try:
+        obj = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise CorruptFileError(f"adapter config is not JSON ({e})", file=file, key=key) from e
+    if not isinstance(obj, dict):
+        raise CorruptFileError("adapter config is not a JSON object", file=file, key=key)
+    return obj
+
+
+def cell_config(
+    column: Mapping[str, Any] | str | None, metadata: Mapping[str, str], *, file: str | None = None
+) -> dict[str, Any]:
+    """The adapter config of one weights cell, by the rule of docs/FORMAT.md: the row's
+    ``adapter_config`` column is authoritative (it is what ``datasets`` users and PEFT see); an
+    embedded ``lora_zoo.config`` must be the same JSON or the cell is refused, because two
+    loaders reading different halves of one row would compute different scales."""
+    embedded = metadata.get(CONFIG_META)
+    emb = None if embedded is None else _json_object(embedded, file=file, key=CONFIG_META)
+    if column is None:
+        return emb or {}
+    col = (
+        _json_object(column, file=file, key="adapter_config")
+        if isinstance(column, str)
+        else dict(column)
+    )
+    if emb is not None and _canon(emb) != _canon(col):
+        raise ConfigMismatchError(
+            "the config embedded in the weights cell differs from the row's adapter_config "
+            f"(embedded r={emb.get('r')!r}, lora_alpha={emb.get('lora_alpha')!r}; column "
+            f"r={col.get('r')!r}, lora_alpha={col.get('lora_alpha')!r})",
+            file=file,
+            key=CONFIG_META,
+        )
+    return col
+
+
+def _canon(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
 
 
 def canonical_safetensors(data: bytes) -> bytes:
@@ -334,41 +387,41 @@ def canonical_safetensors(data: bytes) -> bytes:
     gives different bytes. Sorting the header (tensor data and offsets are untouched) makes the
     bytes a function of the content, on every write path (build, ingest, merge, export): the
     same rows give the same shard sha256, which push deduplication, resume and ``diff`` need."""
-    n = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8 : 8 + n])
-    if "__metadata__" in header:
-        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    h = parse_safetensors(data)
+    header: dict[str, Any] = {
+        t.name: {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [t.start, t.end]}
+        for t in h.tensors
+    }
+    if h.metadata:
+        header["__metadata__"] = dict(sorted(h.metadata.items()))
     text = json.dumps(dict(sorted(header.items())), separators=(",", ":"), ensure_ascii=False)
     raw = text.encode()
     raw += b" " * (-len(raw) % 8)  # keep the data 8-byte aligned, as safetensors does
-    return len(raw).to_bytes(8, "little") + raw + data[8 + n :]
+    return len(raw).to_bytes(8, "little") + raw + bytes(data[h.data_start :])
 
 
-def load_safetensors_bytes(data: bytes, *, file: str | None = None) -> dict[str, torch.Tensor]:
-    """safetensors decode with a named, clear error instead of a Rust panic message."""
-    looks_safetensors = len(data) > 9 and data[8:9] == b"{"
-    if not looks_safetensors and (
-        data[:2] == b"PK"
-        or (data[:1] == b"\x80" and data[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"))
-    ):
-        raise CorruptFileError(
-            "this is a pickle / torch.save archive, not safetensors; convert it with "
-            "`lora-zoo ingest --allow-pickle-conversion` (uses torch.load(weights_only=True))",
-            file=file,
-        )
+def _tensors(data: bytes, file: str | None) -> dict[str, torch.Tensor]:
+    """safetensors' own decode of bytes ``parse_safetensors`` already accepted."""
     try:
         return st_load(bytes(data))
-    except Exception as e:  # safetensors raises SafetensorError / ValueError variants
+    except Exception as e:  # SafetensorError and friends: always name the file
         raise CorruptFileError(f"not valid safetensors bytes ({e})", file=file) from e
 
 
-def safetensors_metadata(data: bytes) -> dict[str, str]:
-    """Read the JSON header's ``__metadata__`` without decoding tensors."""
-    if len(data) < 8:
-        return {}
-    n = int.from_bytes(data[:8], "little")
-    try:
-        header = json.loads(bytes(data[8 : 8 + n]))
-    except Exception:
-        return {}
-    return dict(header.get("__metadata__") or {})
+def load_safetensors_bytes(data: bytes, *, file: str | None = None) -> dict[str, torch.Tensor]:
+    """Tensors of a weights cell, after the full structural check (``lora_zoo.weights``)."""
+    parse_safetensors(data, file=file)
+    return _tensors(data, file)
+
+
+def safetensors_metadata(data: bytes, *, file: str | None = None) -> dict[str, str]:
+    """The validated header's ``__metadata__`` (tensors untouched)."""
+    return dict(parse_safetensors(data, file=file).metadata)
+
+
+def cell_modules(data: bytes, *, file: str | None = None) -> tuple[list[str], list[str]]:
+    """(module names, dtypes) of a weights cell from its validated header alone (``info``,
+    cards): names by ``PEFT_KEY_RE``, the one rule for what a factor's key means."""
+    h = parse_safetensors(data, file=file)
+    mods = {m.group(1) for t in h.tensors if (m := PEFT_KEY_RE.match(t.name))}
+    return sorted(mods), sorted({t.dtype for t in h.tensors})

@@ -44,11 +44,6 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_env)
 
 
-def _header(data: bytes) -> dict[str, Any]:
-    n = int.from_bytes(data[:8], "little")
-    return json.loads(data[8 : 8 + n])
-
-
 def summarize(zoo: Any) -> dict[str, Any]:
     """What `info` prints: cheap reads only (rank column, one LoRA's safetensors header)."""
     m = zoo.manifest
@@ -79,11 +74,12 @@ def summarize(zoo: Any) -> dict[str, Any]:
     out["base_models"] = dict(base)
     first = next((s for s in zoo.splits if len(zoo[s])), None)
     if first is not None:
-        h = _header(zoo[first].weights_bytes(0))
-        h.pop("__metadata__", None)
-        mods = sorted({k.removeprefix("base_model.model.").rsplit(".lora_", 1)[0] for k in h})
-        out["modules"] = {"count": len(mods), "first": mods[:3], "last": mods[-1]}
-        out["dtype"] = sorted({v["dtype"] for v in h.values()})
+        from lora_zoo.record import cell_modules
+
+        lid, data, _ = zoo[first].cell(0)
+        mods, dtypes = cell_modules(data, file=f"{zoo.source}:{lid}")
+        out["modules"] = {"count": len(mods), "first": mods[:3], "last": mods[-1] if mods else None}
+        out["dtype"] = dtypes
     return out
 
 

@@ -214,10 +214,10 @@ def diff_zoos(
         if sa != sb:
             diffs.append(Difference(lid, "split", f"in {sa!r} in A but {sb!r} in B"))
         _diff_cells(rep, lid, rows_a[sa][i], rows_b[sb][j], shared, cols_a)
-        wa, wb = za[sa].weights_bytes(i), zb[sb].weights_bytes(j)
+        (_, wa, ca), (_, wb, cb) = za[sa].cell(i), zb[sb].cell(j)
         if wa != wb:  # identical bytes need no decoding
-            rec_a = LoraRecord.from_safetensors_bytes(wa, file=f"A:{lid}", lora_id=lid)
-            rec_b = LoraRecord.from_safetensors_bytes(wb, file=f"B:{lid}", lora_id=lid)
+            rec_a = LoraRecord.from_safetensors_bytes(wa, ca, file=f"A:{lid}", lora_id=lid)
+            rec_b = LoraRecord.from_safetensors_bytes(wb, cb, file=f"B:{lid}", lora_id=lid)
             d_list, worst = compare_records(lid, rec_a, rec_b, atol, rtol)
             diffs += d_list
             rep.max_abs_weights = max(rep.max_abs_weights, worst)

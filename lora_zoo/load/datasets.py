@@ -2,7 +2,7 @@
 
 Two entry points, one output format:
 
-- ``LoraDataset`` (map-style): random access through ``ZooSplit.weights_bytes(i)``; shuffle with
+- ``LoraDataset`` (map-style): random access through ``ZooSplit.cell(i)``; shuffle with
   the DataLoader, batch with ``collate_loras``.
 - ``LoraIterableDataset`` (streaming): walks ``ZooSplit.iter_batches`` record batch by record
   batch, shards batches over DataLoader workers (and torch.distributed ranks), and decodes a whole
@@ -315,18 +315,19 @@ class LoraDataset(_ZooViews, Dataset):
         import pyarrow as pa
 
         i = int(i)
-        where = f"{self.where}:{self._ids[i]}"
-        data = self.split.weights_bytes(i)
+        lid, data, cfg = self.split.cell(i)  # the id as read from the row decoded
         ((rows, fac),) = decode_weight_batch(
             pa.array([data], pa.binary()),
+            [cfg],  # the row's adapter_config: the same scale as record() and streaming
             fold_scale=self.fold_scale,
-            where=where,
+            where=self.where,
+            ids=[lid],
             validate=self.validate,
             select=self._select,
         )
         views = self._views(fac, [i])
         labels = {c: [vals[i]] for c, vals in self._labels.items()}
-        return _items(views, [0], [self._ids[i]], [i], labels, [self._base[i]])[0]
+        return _items(views, [0], [lid], [i], labels, [self._base[i]])[0]
 
 
 _ROW = "__lora_zoo_row"  # the global row index, carried beside the columns while streaming

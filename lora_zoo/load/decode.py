@@ -23,9 +23,16 @@ import numpy as np
 import torch
 
 from lora_zoo._io import natural_key
-from lora_zoo.errors import CorruptFileError, MissingPairError, NonFiniteError, ShapeMismatchError
+from lora_zoo.errors import (
+    CorruptFileError,
+    MissingPairError,
+    NonFiniteError,
+    ShapeMismatchError,
+    reading,
+)
 from lora_zoo.load.threads import single_threaded
-from lora_zoo.record import PEFT_KEY_RE, peft_rank_alpha_scale
+from lora_zoo.record import PEFT_KEY_RE, cell_config, peft_rank_alpha_scale
+from lora_zoo.weights import MAX_HEADER_BYTES, parse_header
 
 logger = logging.getLogger(__name__)
 
@@ -85,27 +92,15 @@ def _layout(head: bytes, cfg: str | None, where: str) -> _Layout:
 
 
 def _parse_header(head: bytes, cfg_text: str | None, where: str) -> tuple[tuple[_Spec, ...], str]:
-    """(tensor specs sorted by key, config JSON text). Metadata key order is not stable across
-    safetensors writes (a Rust HashMap), so groups are keyed on this parsed form, not raw bytes."""
-    try:
-        header = json.loads(head)
-        meta = header.pop("__metadata__", None) or {}
-        specs = tuple(
-            sorted(
-                (
-                    k,
-                    str(v["dtype"]),
-                    int(v["data_offsets"][0]),
-                    int(v["data_offsets"][1]),
-                    tuple(int(x) for x in v["shape"]),
-                )
-                for k, v in header.items()
-            )
-        )
-    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
-        raise CorruptFileError(f"malformed safetensors header ({e})", file=where) from e
-    # the config embedded by LoraRecord wins; the adapter_config column is the fallback
-    return specs, meta.get("lora_zoo.config") or cfg_text or "{}"
+    """(tensor specs sorted by key, config JSON text): the header validated by the one decoder
+    (``lora_zoo.weights``), the config by the one rule (``record.cell_config``: the row's
+    adapter_config column, which an embedded config must equal). Metadata key order is not
+    stable across safetensors writes (a Rust HashMap), so groups are keyed on this parsed form,
+    not raw bytes. Each row's length is checked against the header by the caller."""
+    h = parse_header(head, None, file=where)
+    specs = tuple((t.name, t.dtype, t.start, t.end, t.shape) for t in h.tensors)
+    config = cell_config(cfg_text, h.metadata, file=where)
+    return specs, json.dumps(config, sort_keys=True)
 
 
 class _Where(Sequence[str]):
@@ -159,6 +154,22 @@ def decode_weight_batch(
     Parsed headers and the per-layout checks are cached per process (keyed on the header bytes
     and config), so a streaming epoch parses each distinct header once, not once per batch.
     """
+    with reading(where, "weights"):  # anything unnamed below is still a named zoo error
+        return _decode_weight_batch(
+            weights, configs, fold_scale, where, ids, validate, select, consume
+        )
+
+
+def _decode_weight_batch(
+    weights: Any,
+    configs: Sequence[str | None] | None,
+    fold_scale: bool,
+    where: str,
+    ids: Sequence[str] | None,
+    validate: bool,
+    select: Callable[[list[str]], list[str]] | None,
+    consume: bool,
+) -> list[tuple[np.ndarray, Factors]]:
     import pyarrow as pa
 
     label = (lambda i: f"{where}:{ids[i]}") if ids is not None else (lambda i: where)
@@ -186,7 +197,7 @@ def decode_weight_batch(
         if end - start < 8:
             raise CorruptFileError("weights are shorter than a safetensors header", file=label(i))
         n = int(data[start : start + 8].view("<u8")[0])
-        if n <= 1 or start + 8 + n > end:
+        if n <= 1 or n > MAX_HEADER_BYTES or start + 8 + n > end:
             raise CorruptFileError(
                 f"safetensors header length {n} exceeds the weights", file=label(i)
             )
@@ -292,7 +303,7 @@ def _group_same_length(
     mat = data[start : start + g * length].reshape(g, length)  # (g, L) no copy
     ns = np.ascontiguousarray(mat[:, :8]).view("<u8")[:, 0]  # (g,) header lengths
     n = int(ns[0])
-    if not bool((ns == n).all()) or n <= 1 or 8 + n > length:
+    if not bool((ns == n).all()) or n <= 1 or n > MAX_HEADER_BYTES or 8 + n > length:
         return None  # the per-row loop names the bad row
     head, cfg = mat[:, 8 : 8 + n], None if configs is None else configs[0]
     found: list[tuple[_Layout, np.ndarray]] = []
@@ -321,12 +332,10 @@ def _plan(
     raises (naming this batch's first row) and caches nothing."""
     if lay.plan is not None:
         return lay.plan
-    specs = lay.specs
-    for key, dt, s, e, shape in specs:
+    specs = lay.specs  # structure already validated (lora_zoo.weights): spans tile the data
+    for key, dt, _s, _e, _shape in specs:
         if dt not in _ST_DTYPES:
             raise CorruptFileError(f"unsupported tensor dtype {dt}", file=where[0], key=key)
-        if not 0 <= s <= e or e - s != int(np.prod(shape)) * np.dtype(_ST_DTYPES[dt][0]).itemsize:
-            raise CorruptFileError("tensor data offsets out of range", file=where[0], key=key)
     # Like safetensors: the buffer must end exactly where the last tensor does.
     length = 8 + lay.n + max((sp[3] for sp in specs), default=0)
     try:

@@ -28,7 +28,7 @@ from lora_zoo._io import (
     safe_relpath,
     sha256_file,
 )
-from lora_zoo.errors import ZooFormatError
+from lora_zoo.errors import LoraZooError, ZooFormatError, reading
 from lora_zoo.zoo.schema import (
     DATA_DIR,
     FORMAT_VERSION,
@@ -36,6 +36,7 @@ from lora_zoo.zoo.schema import (
     README_NAME,
     ROLES,
     SPLITS_DIR,
+    check_core_types,
     schema_matches,
 )
 
@@ -93,9 +94,16 @@ def validate_manifest(m: Any, *, file: str) -> dict[str, Any]:
         )
     if not isinstance(m["splits"], dict):
         raise ZooFormatError("must be an object {split: {...}}", file=file, key="splits")
+    seen: dict[str, str] = {}  # shard path -> where it was listed first
     for s, sp in m["splits"].items():
         if not isinstance(sp, dict) or not isinstance(sp.get("shards"), list):
             raise ZooFormatError("needs a 'shards' list", file=file, key=f"splits.{s}")
+        for k in ("num_rows", "num_bytes"):
+            v = sp.get(k, 0)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ZooFormatError(
+                    "must be a non-negative integer", file=file, key=f"splits.{s}.{k}"
+                )
         for i, sh in enumerate(sp["shards"]):
             for k in SHARD_KEYS:
                 if not isinstance(sh, dict) or k not in sh:
@@ -114,11 +122,25 @@ def validate_manifest(m: Any, *, file: str) -> dict[str, Any]:
                 raise ZooFormatError(
                     "must be a hex string", file=file, key=f"splits.{s}.shards.{i}.sha256"
                 )
+            # a shard listed twice would serve its rows twice, and only one entry's hash
+            # would describe the bytes actually read
+            where = f"splits.{s}.shards.{i}.path"
+            if sh["path"] in seen:
+                raise ZooFormatError(
+                    f"shard {sh['path']!r} is listed twice (also at {seen[sh['path']]})",
+                    file=file,
+                    key=where,
+                )
+            seen[sh["path"]] = where
+        for k in ("num_rows", "num_bytes"):  # optional per split: the sum of its shards
+            sp.setdefault(k, sum(sh[k] for sh in sp["shards"]))
     if not isinstance(m["columns"], list):
         raise ZooFormatError("must be a list", file=file, key="columns")
     for i, c in enumerate(m["columns"]):
         if not isinstance(c, dict) or not {"name", "type", "role"} <= c.keys():
             raise ZooFormatError("needs name, type, role", file=file, key=f"columns.{i}")
+        if not isinstance(c["name"], str) or not isinstance(c["type"], str):
+            raise ZooFormatError("name and type must be strings", file=file, key=f"columns.{i}")
         if c["role"] not in ROLES:
             raise ZooFormatError(f"unknown role {c['role']!r}", file=file, key=f"columns.{i}.role")
     named = m.setdefault("named_splits", {})
@@ -146,7 +168,8 @@ def validate_manifest(m: Any, *, file: str) -> dict[str, Any]:
     listed += [(f"named_splits.{n}.path", ns.get("path", f"{SPLITS_DIR}/{n}.json"))
                for n, ns in named.items()]  # fmt: skip
     check_case_collisions(listed, file=file)
-    m.setdefault("info", {})
+    if not isinstance(m.setdefault("info", {}), dict):
+        raise ZooFormatError("must be an object {key: value}", file=file, key="info")
     return m
 
 
@@ -159,9 +182,10 @@ def read_manifest(fs, root: str) -> dict[str, Any]:
             file=path,
         )
     try:
-        with fs.open(path, "rb") as f:
-            m = json.loads(f.read())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        with reading(path, error=ZooFormatError), fs.open(path, "rb") as f:
+            raw = f.read()
+        m = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise ZooFormatError(f"manifest is not valid JSON ({e})", file=path) from e
     return validate_manifest(m, file=path)
 
@@ -191,36 +215,72 @@ def verify(root_or_fs: Any, root: str | None = None, *, hashes: bool = True) -> 
             problems.append(f"{rel}: shard listed in the manifest is missing")
             continue
         if hashes:
-            digest, size = sha256_file(fs, path)
+            try:
+                with reading(path, "sha256"):
+                    digest, size = sha256_file(fs, path)
+            except LoraZooError as e:
+                problems.append(f"{rel}: {e.message}")
+                continue
             if size != sh["num_bytes"]:
                 problems.append(f"{rel}: size {size} != manifest num_bytes {sh['num_bytes']}")
             if digest != sh["sha256"]:
                 problems.append(f"{rel}: sha256 {digest} != manifest {sh['sha256']}")
                 continue
-        try:
-            with fs.open(path, "rb") as f:
-                pf = pq.ParquetFile(f)
-                if pf.metadata.num_rows != sh["num_rows"]:
-                    problems.append(
-                        f"{rel}: {pf.metadata.num_rows} rows != manifest num_rows {sh['num_rows']}"
-                    )
-                diff = schema_matches(pf.schema_arrow, m["columns"])
-                if diff:
-                    problems.append(f"{rel}: {diff}")
-                for lid in pf.read(columns=["lora_id"]).column(0).to_pylist():
-                    if lid in ids:
-                        problems.append(f"{rel}: duplicate lora_id {lid!r} (also in {ids[lid]})")
-                    ids[lid] = rel
-        except Exception as e:  # unreadable Parquet: report, keep checking the rest
-            problems.append(f"{rel}: not readable Parquet ({type(e).__name__}: {e})")
+        problems += _check_shard(fs, path, rel, sh, m["columns"], ids)
     for split, sp in m["splits"].items():
         n = sum(sh["num_rows"] for sh in sp["shards"])
-        if sp.get("num_rows", n) != n:
+        if sp["num_rows"] != n:
             problems.append(f"{MANIFEST_NAME}: splits.{split}.num_rows {sp['num_rows']} != {n}")
     problems += _check_data_dir(fs, root, listed)
     problems += _check_named_splits(fs, root, m, set(ids))
     problems += _check_readme(fs, root, m)
     return problems
+
+
+def _check_shard(
+    fs, path: str, rel: str, sh: Mapping[str, Any], columns: list[Any], ids: dict[str, str]
+) -> list[str]:
+    """What is wrong with one shard's rows: the footer's row counts, per row group, against the
+    rows actually read, their sum against the manifest, the schema, lora_ids unique across the
+    zoo (``ids``: id -> shard, filled here). A footer that lies about row-group counts would
+    make position-based reads serve one LoRA under another's id."""
+    out: list[str] = []
+    try:
+        with reading(path, "footer"), fs.open(path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            md = pf.metadata
+            diff = schema_matches(pf.schema_arrow, columns)
+            if diff:
+                out.append(f"{rel}: {diff}")
+            check_core_types(pf.schema_arrow, file=rel)
+            got: list[Any] = []
+            for g in range(md.num_row_groups):
+                with reading(path, f"row group {g}"):
+                    part = pf.read_row_group(g, columns=["lora_id"]).column(0).to_pylist()
+                if len(part) != md.row_group(g).num_rows:
+                    out.append(
+                        f"{rel}: row group {g} holds {len(part)} rows but its footer says "
+                        f"{md.row_group(g).num_rows}"
+                    )
+                got += part
+            with reading(path, "lora_id"):
+                whole = pf.read(columns=["lora_id"]).column(0).to_pylist()
+    except ZooFormatError as e:
+        return [*out, str(e)]
+    except Exception as e:  # unreadable Parquet: report, keep checking the rest
+        return [*out, f"{rel}: not readable Parquet ({e})"]
+    if whole != got:
+        out.append(f"{rel}: the row groups hold other rows than the whole file ({len(got)} vs "
+                   f"{len(whole)})")  # fmt: skip
+    if md.num_rows != sh["num_rows"]:
+        out.append(f"{rel}: {md.num_rows} rows != manifest num_rows {sh['num_rows']}")
+    elif len(whole) != md.num_rows:
+        out.append(f"{rel}: {len(whole)} rows read but the footer says {md.num_rows}")
+    for lid in whole:
+        if lid in ids:
+            out.append(f"{rel}: duplicate lora_id {lid!r} (also in {ids[lid]})")
+        ids[lid] = rel
+    return out
 
 
 def _check_data_dir(fs, root: str, listed: set[str]) -> list[str]:
@@ -254,6 +314,11 @@ def _check_named_splits(fs, root: str, m: Mapping[str, Any], ids: set[str]) -> l
                 assign = json.loads(f.read())
         except Exception as e:
             out.append(f"{rel}: not valid JSON ({e})")
+            continue
+        if not isinstance(assign, dict) or not all(
+            isinstance(v, list) and all(isinstance(x, str) for x in v) for v in assign.values()
+        ):
+            out.append(f"{rel}: not an object {{split: [lora_id, ...]}}")
             continue
         seen: set[str] = set()
         for split, members in assign.items():

@@ -10,6 +10,7 @@ Tensors keep their stored dtype (fp16 / bf16 are never upcast here).
 from __future__ import annotations
 
 import bisect
+import itertools
 import logging
 import os
 from collections import OrderedDict
@@ -21,11 +22,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lora_zoo._io import local_fs, map_regular
-from lora_zoo.errors import IntegrityError, SelectionError
+from lora_zoo.errors import IntegrityError, SelectionError, reading
 from lora_zoo.record import LoraRecord
 from lora_zoo.zoo.manifest import join, read_manifest
 from lora_zoo.zoo.manifest import verify as verify_zoo
-from lora_zoo.zoo.schema import ROLE_LABEL, ROLE_METADATA
+from lora_zoo.zoo.schema import ROLE_LABEL, ROLE_METADATA, check_core_types
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class ZooSplit:
         self._cache: OrderedDict[tuple[int, int, tuple[str, ...]], pa.Table] = OrderedDict()
         self._cache_size = cache_row_groups
         self._ids: list[str] | None = None
+        self._ids_by_shard: dict[int, list[str]] = {}
         self._index: dict[str, int] | None = None
 
     # ---- schema ------------------------------------------------------------------------------
@@ -72,29 +74,33 @@ class ZooSplit:
         return [sh["path"] for sh in self._shards]
 
     # ---- low-level access -------------------------------------------------------------------
+    def _path(self, k: int) -> str:
+        return join(self.zoo.root, self._shards[k]["path"])
+
     def _file(self, k: int) -> pq.ParquetFile:
         if k not in self._files:
-            path = join(self.zoo.root, self._shards[k]["path"])
-            if self.zoo.is_local:
-                pf = pq.ParquetFile(pa.py_buffer(map_regular(path, root=self.zoo.root)))
-            else:
-                pf = pq.ParquetFile(self.zoo.fs.open(path, "rb"))
-            if pf.metadata.num_rows != int(self._shards[k]["num_rows"]):
+            path = self._path(k)
+            with reading(path, "footer"):
+                if self.zoo.is_local:
+                    pf = pq.ParquetFile(pa.py_buffer(map_regular(path, root=self.zoo.root)))
+                else:
+                    pf = pq.ParquetFile(self.zoo.fs.open(path, "rb"))
+                md = pf.metadata
+                counts = [md.row_group(i).num_rows for i in range(md.num_row_groups)]
+                check_core_types(pf.schema_arrow, file=path)
+            if md.num_rows != int(self._shards[k]["num_rows"]) or sum(counts) != md.num_rows:
                 raise IntegrityError(
-                    f"{pf.metadata.num_rows} rows but the manifest says "
+                    f"{md.num_rows} rows (row groups: {sum(counts)}) but the manifest says "
                     f"{self._shards[k]['num_rows']}",
                     file=path,
                     key="num_rows",
                 )
-            md = pf.metadata
-            starts = [0]
-            for i in range(md.num_row_groups):
-                starts.append(starts[-1] + md.row_group(i).num_rows)
-            self._files[k], self._rg_starts[k] = pf, starts
+            self._files[k], self._rg_starts[k] = pf, [0, *itertools.accumulate(counts)]
         return self._files[k]
 
     def _locate(self, i: int) -> tuple[int, int, int]:
-        """global row -> (shard, row group, row inside the row group)."""
+        """global row -> (shard, row group, row inside the row group), from the footers; every
+        read through it is then checked against the ids actually read (``_read_group``)."""
         n = len(self)
         if not -n <= i < n:
             raise IndexError(f"row {i} out of range for split {self.name!r} ({n} rows)")
@@ -105,6 +111,33 @@ class ZooSplit:
         starts = self._rg_starts[k]
         g = bisect.bisect_right(starts, local) - 1
         return k, g, local - starts[g]
+
+    def _read_group(self, k: int, g: int, columns: Sequence[str]) -> pa.Table:
+        """Row group ``g`` of shard ``k`` with ``lora_id`` first, checked for row identity: as
+        many rows as the footer promised, and the ids the footer's positions point at. A footer
+        that lies about per-row-group counts would otherwise serve one LoRA under another's id.
+        """
+        cols = list(dict.fromkeys(("lora_id", *columns)))
+        path = self._path(k)
+        with reading(path, f"row group {g}"):
+            t = self._file(k).read_row_group(g, columns=cols)
+            got = t.column(0).to_pylist()
+        rg = self._rg_starts[k]
+        if len(got) != rg[g + 1] - rg[g]:
+            raise IntegrityError(
+                f"row group {g} holds {len(got)} rows but the footer says {rg[g + 1] - rg[g]}",
+                file=path,
+                key=f"row group {g}",
+            )
+        want = self._shard_ids(k)[rg[g] : rg[g + 1]]
+        if got != want:
+            j = next(j for j, (a, b) in enumerate(zip(got, want)) if a != b)
+            raise IntegrityError(
+                f"row group {g} row {j} holds {got[j]!r} where the shard's rows have {want[j]!r}",
+                file=path,
+                key=str(want[j]),
+            )
+        return t
 
     # ---- row-group access (the unit streaming readers shuffle and split) ---------------------
     def row_group_ranges(self) -> list[tuple[int, int]]:
@@ -124,18 +157,20 @@ class ZooSplit:
         each row group once), as one table whose columns may be chunked across row groups."""
         if not 0 <= start <= stop <= len(self):
             raise IndexError(f"rows [{start}, {stop}) out of range for split {self.name!r}")
-        cols = self._check_columns(columns)
+        cols = self._check_columns(columns) or self.columns
         parts = []
         i = start
         while i < stop:
             k, g, off = self._locate(i)
             rg = self._rg_starts[k]
             take = min(stop - i, rg[g + 1] - rg[g] - off)
-            parts.append(self._file(k).read_row_group(g, columns=cols).slice(off, take))
+            parts.append(self._read_group(k, g, cols).select(cols).slice(off, take))
             i += take
         if not parts:
             sch = self.zoo.schema
-            return (sch if cols is None else pa.schema([sch.field(c) for c in cols])).empty_table()
+            return (
+                sch if columns is None else pa.schema([sch.field(c) for c in cols])
+            ).empty_table()
         return parts[0] if len(parts) == 1 else pa.concat_tables(parts)
 
     def _row_group(self, k: int, g: int, columns: tuple[str, ...]) -> pa.Table:
@@ -143,7 +178,7 @@ class ZooSplit:
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
-        t = self._file(k).read_row_group(g, columns=list(columns))
+        t = self._read_group(k, g, columns)
         self._cache[key] = t
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
@@ -162,18 +197,35 @@ class ZooSplit:
     # ---- public API ---------------------------------------------------------------------------
     @property
     def ids(self) -> list[str]:
-        """All lora_ids in row order (reads only the lora_id column)."""
+        """All lora_ids in row order (reads only the lora_id column, whole shards: the ids the
+        rows really hold, whatever the footers claim per row group)."""
         if self._ids is None:
-            ids: list[str] = []
-            for k in range(len(self._shards)):
-                ids += self._file(k).read(columns=["lora_id"]).column(0).to_pylist()
-            self._ids = ids
+            self._ids = [lid for k in range(len(self._shards)) for lid in self._shard_ids(k)]
         return self._ids
+
+    def _shard_ids(self, k: int) -> list[str]:
+        """Shard ``k``'s lora_ids read whole (not per row group), cached: what row identity is
+        checked against, shard by shard (a streaming worker opens only its own shards)."""
+        if k not in self._ids_by_shard:
+            pf = self._file(k)
+            with reading(self._path(k), "lora_id"):
+                got = pf.read(columns=["lora_id"]).column(0).to_pylist()
+            self._check_count(k, len(got))
+            self._ids_by_shard[k] = got
+        return self._ids_by_shard[k]
 
     @property
     def index(self) -> dict[str, int]:
         if self._index is None:
-            self._index = {lid: i for i, lid in enumerate(self.ids)}
+            index: dict[str, int] = {}
+            for i, lid in enumerate(self.ids):
+                if index.setdefault(lid, i) != i:
+                    raise IntegrityError(
+                        f"lora_id appears twice in split {self.name!r} (rows {index[lid]} and {i})",
+                        file=self.zoo.source,
+                        key=str(lid),
+                    )
+            self._index = index
         return self._index
 
     def row(self, i: int | str) -> dict[str, Any]:
@@ -185,36 +237,34 @@ class ZooSplit:
 
     def weights_bytes(self, i: int | str) -> bytes:
         """The row's safetensors bytes (a valid PEFT adapter_model.safetensors)."""
+        return self.cell(i)[1]
+
+    def cell(self, i: int | str) -> tuple[str, bytes, str]:
+        """(lora_id, weights bytes, adapter_config JSON text) of one row, the id as read from
+        that row (checked against the position asked for)."""
         k, g, r = self._locate(self._resolve(i))
-        return self._row_group(k, g, ("weights",)).column(0)[r].as_py()
+        t = self._row_group(k, g, ("lora_id", "weights", "adapter_config"))
+        return t.column(0)[r].as_py(), t.column(1)[r].as_py(), t.column(2)[r].as_py()
 
     def record(self, i: int | str, *, validate: bool = True) -> LoraRecord:
         """Decode one LoRA; dtypes as stored. ``validate`` (default) refuses shapes that do not
         pair up and non-finite factors with a named error: a zoo comes from strangers."""
-        idx = self._resolve(i)
-        k, g, r = self._locate(idx)
-        t = self._row_group(k, g, ("lora_id", "weights", "adapter_config"))
-        lid = t.column(0)[r].as_py()
-        import json
-
-        return LoraRecord.from_safetensors_bytes(
-            t.column(1)[r].as_py(),
-            json.loads(t.column(2)[r].as_py()),
-            file=f"{self.zoo.source}:{self._shards[k]['path']}",
-            lora_id=lid,
-            validate=validate,
-        )
+        k = self._locate(self._resolve(i))[0]
+        lid, weights, cfg = self.cell(i)
+        where = f"{self.zoo.source}:{self._shards[k]['path']}:{lid}"
+        with reading(where, "weights"):
+            return LoraRecord.from_safetensors_bytes(
+                weights, cfg, file=where, lora_id=lid, validate=validate
+            )
 
     def __getitem__(self, i: int | str) -> LoraRecord:
         return self.record(i)
 
     def __iter__(self) -> Iterator[LoraRecord]:
-        import json
-
         for b in self.iter_batches(["lora_id", "weights", "adapter_config"], batch_size=64):
             for lid, w, cfg in zip(*(b.column(c).to_pylist() for c in range(3))):
                 yield LoraRecord.from_safetensors_bytes(
-                    w, json.loads(cfg), lora_id=lid, validate=False
+                    w, cfg, file=f"{self.zoo.source}:{lid}", lora_id=lid, validate=False
                 )
 
     def _check_columns(self, columns: Sequence[str] | None) -> list[str] | None:
@@ -232,7 +282,13 @@ class ZooSplit:
     def table(self, columns: Sequence[str] | None = None) -> pa.Table:
         """The split as one Arrow table (all columns unless ``columns``)."""
         cols = self._check_columns(columns)
-        tables = [self._file(k).read(columns=cols) for k in range(len(self._shards))]
+        tables = []
+        for k in range(len(self._shards)):
+            pf = self._file(k)
+            with reading(self._path(k), "table"):
+                t = pf.read(columns=cols)
+            self._check_count(k, t.num_rows)
+            tables.append(t)
         if not tables:
             schema = (
                 self.zoo.schema
@@ -248,7 +304,25 @@ class ZooSplit:
         """Record batches in row order, shard after shard (bounded memory for any zoo size)."""
         cols = self._check_columns(columns)
         for k in range(len(self._shards)):
-            yield from self._file(k).iter_batches(batch_size=batch_size, columns=cols)
+            pf, n = self._file(k), 0
+            batches = pf.iter_batches(batch_size=batch_size, columns=cols)
+            while True:
+                with reading(self._path(k), f"batch after row {n}"):
+                    b = next(batches, None)
+                if b is None:
+                    break
+                n += b.num_rows
+                yield b
+            self._check_count(k, n)
+
+    def _check_count(self, k: int, n: int) -> None:
+        if n != self._starts[k + 1] - self._starts[k]:
+            raise IntegrityError(
+                f"{n} rows read but the footer and manifest say "
+                f"{self._starts[k + 1] - self._starts[k]}",
+                file=self._path(k),
+                key="num_rows",
+            )
 
     def to_pandas(self, include_weights: bool = False):
         cols = [c for c in self.columns if include_weights or c != "weights"]

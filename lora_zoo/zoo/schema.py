@@ -231,3 +231,23 @@ def schema_matches(schema: pa.Schema, columns: list[Mapping[str, Any]]) -> str |
         return f"columns {gn} differ from the manifest's {wn}"
     diff = [f"{g[0]}: {g[1]} != {w[1]}" for g, w in zip(got, want) if g != w]
     return "column types differ from the manifest: " + "; ".join(diff)
+
+
+def check_core_types(schema: pa.Schema, *, file: str | None = None) -> None:
+    """Refuse a shard whose core columns have another Arrow type (a ``weights`` of strings, an
+    int ``lora_id``): every reader and loader relies on these types, so a wrong one is named
+    here, when the shard is opened, not as a pyarrow error deep in a decode. Core columns absent
+    from the shard are reported by ``verify`` (schema vs manifest)."""
+    for f in CORE_FIELDS:
+        i = schema.get_field_index(f.name)
+        if i < 0:
+            continue
+        got = schema.field(i).type
+        ok = got == f.type or (pa.types.is_binary(f.type) and pa.types.is_large_binary(got))
+        ok = ok or (pa.types.is_string(f.type) and pa.types.is_large_string(got))
+        if not ok:
+            raise ZooFormatError(
+                f"column has Arrow type {got} but the format requires {f.type}",
+                file=file,
+                key=f.name,
+            )

@@ -299,6 +299,10 @@ class SplitView:
         sp, j = self._at(i)
         return sp.weights_bytes(j)
 
+    def cell(self, i: int | str) -> tuple[str, bytes, str]:
+        sp, j = self._at(i)
+        return sp.cell(j)
+
     def record(self, i: int | str, **kw: Any):
         sp, j = self._at(i)
         return sp.record(j, **kw)

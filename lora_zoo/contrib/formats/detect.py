@@ -8,13 +8,13 @@ tensors).
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
-from lora_zoo.contrib.formats.files import PICKLE_SUFFIXES, check_size, looks_pickled
+from lora_zoo.contrib.formats.files import PICKLE_SUFFIXES, check_size
 from lora_zoo.contrib.formats.registry import FORMATS, AdapterFormat
-from lora_zoo.errors import UnknownLayoutError
+from lora_zoo.errors import CorruptFileError, UnknownLayoutError
+from lora_zoo.weights import header_length, looks_pickled, parse_header
 
 
 def _formats(order: str) -> list[AdapterFormat]:
@@ -22,22 +22,22 @@ def _formats(order: str) -> list[AdapterFormat]:
 
 
 def header_keys(path: Path, max_bytes: int | None = None) -> list[str]:
-    """Tensor names from the safetensors header only (cheap, safe on untrusted bytes)."""
-    check_size(path, max_bytes)
+    """Tensor names from the safetensors header only (cheap, safe on untrusted bytes); [] when
+    the header does not pass the one decoder's check (the format reader then names why)."""
+    size = check_size(path, max_bytes)
     with open(path, "rb") as f:
         head = f.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else 0
-        body = f.read(min(n, 100 << 20))
-    data = head + body
-    if looks_pickled(data) or len(body) != n:
-        return []  # pickled or truncated: the format reader refuses it with the right message
+        try:
+            n = header_length(head, size, file=str(path))
+        except CorruptFileError:
+            return []
+        body = f.read(n)
+    if looks_pickled(head + body[:2]):
+        return []
     try:
-        header = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        return list(parse_header(body, size, file=str(path)).names)
+    except CorruptFileError:
         return []
-    if not isinstance(header, dict):
-        return []
-    return [k for k in header if k != "__metadata__"]
 
 
 def detect_format(path: str | os.PathLike[str], max_bytes: int | None = None) -> str:

@@ -9,26 +9,20 @@ bytes under any name) are refused; converting them needs an explicit opt-in and 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import load as st_load
 
 from lora_zoo.errors import CorruptFileError, FileTooLargeError, PickleRefusedError
+from lora_zoo.weights import looks_pickled, parse_safetensors
 
 log = logging.getLogger(__name__)
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 SAFETENSORS_SUFFIX = ".safetensors"
-_DTYPE_BYTES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-    "BOOL": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1,
-}  # fmt: skip
-_MAX_HEADER = 100 << 20
 
 
 def convert_hint(path: str | os.PathLike[str]) -> str:
@@ -37,13 +31,6 @@ def convert_hint(path: str | os.PathLike[str]) -> str:
         "weights_only=True), 'adapter.safetensors')`) or pass --allow-pickle-conversion "
         "(uses torch.load(weights_only=True))"
     )
-
-
-def looks_pickled(data: bytes) -> bool:
-    """Pickle protocol 2-5 opcodes, or a zip archive (torch.save's default container)."""
-    if len(data) > 9 and data[8:9] == b"{":
-        return False
-    return data[:2] == b"PK" or (data[:1] == b"\x80" and data[1:2] in b"\x02\x03\x04\x05")
 
 
 def check_size(path: Path, max_bytes: int | None) -> int:
@@ -57,50 +44,6 @@ def check_size(path: Path, max_bytes: int | None) -> int:
     return size
 
 
-def parse_header(data: bytes, *, file: str | os.PathLike[str]) -> dict[str, Any]:
-    """The safetensors JSON header, checked against the byte count (truncation, overlaps)."""
-    if len(data) < 8:
-        raise CorruptFileError(f"only {len(data)} bytes: not a safetensors file", file=file)
-    n = int.from_bytes(data[:8], "little")
-    if n > _MAX_HEADER or 8 + n > len(data):
-        raise CorruptFileError(
-            f"header claims {n} bytes but the file has {len(data)}: truncated or not safetensors",
-            file=file,
-        )
-    try:
-        header = json.loads(bytes(data[8 : 8 + n]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CorruptFileError(f"safetensors header is not JSON ({e})", file=file) from e
-    if not isinstance(header, dict):
-        raise CorruptFileError("safetensors header is not a JSON object", file=file)
-    body = len(data) - 8 - n
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        try:
-            start, end = (int(x) for x in info["data_offsets"])
-            nbytes = _DTYPE_BYTES.get(info["dtype"], 0)
-            numel = 1
-            for s in info["shape"]:
-                numel *= int(s)
-        except (KeyError, TypeError, ValueError) as e:
-            raise CorruptFileError(f"malformed tensor entry ({e})", file=file, key=key) from e
-        if end > body:
-            raise CorruptFileError(
-                f"tensor data ends at byte {end} of the data section but only {body} bytes "
-                "are present: the file is truncated",
-                file=file,
-                key=key,
-            )
-        if nbytes and end - start != numel * nbytes:
-            raise CorruptFileError(
-                f"tensor needs {numel * nbytes} bytes but its offsets span {end - start}",
-                file=file,
-                key=key,
-            )
-    return header
-
-
 def decode_safetensors(
     data: bytes, *, file: str | os.PathLike[str]
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -110,13 +53,12 @@ def decode_safetensors(
             "these bytes are a pickle / torch.save archive, not safetensors; " + convert_hint(file),
             file=file,
         )
-    header = parse_header(data, file=file)
+    header = parse_safetensors(data, file=str(file))  # the one decoder's structural check
     try:
         tensors = st_load(bytes(data))
     except Exception as e:  # SafetensorError and friends: always name the file
         raise CorruptFileError(f"not valid safetensors ({e})", file=file) from e
-    meta = header.get("__metadata__") or {}
-    return tensors, {str(k): str(v) for k, v in meta.items()}
+    return tensors, dict(header.metadata)
 
 
 def _load_pickle_weights_only(path: Path) -> dict[str, torch.Tensor]:

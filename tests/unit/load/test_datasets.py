@@ -75,7 +75,7 @@ def make_record(i: int, rank: int, dtype: torch.dtype = torch.float32) -> LoraRe
 
 
 class ParquetSplit:
-    """The ZooSplit contract (ids, len, row, record, weights_bytes, table, iter_batches,
+    """The ZooSplit contract (ids, len, row, record, cell, weights_bytes, table, iter_batches,
     label_columns, metadata_columns) over one real Parquet file."""
 
     label_columns = ["task", "score", "vec"]
@@ -94,9 +94,14 @@ class ParquetSplit:
     def weights_bytes(self, i: int) -> bytes:
         return self.table(["weights"]).column("weights")[int(i)].as_py()
 
+    def cell(self, i: int) -> tuple[str, bytes, str]:
+        t = self.table(["lora_id", "weights", "adapter_config"])
+        return tuple(t.column(c)[int(i)].as_py() for c in range(3))
+
     def record(self, i) -> LoraRecord:
         i = self.ids.index(i) if isinstance(i, str) else int(i)
-        return LoraRecord.from_safetensors_bytes(self.weights_bytes(i), lora_id=self.ids[i])
+        lid, w, cfg = self.cell(i)
+        return LoraRecord.from_safetensors_bytes(w, cfg, lora_id=lid)
 
     def iter_batches(self, columns=None, batch_size=1000):
         yield from pq.ParquetFile(self.root).iter_batches(batch_size=batch_size, columns=columns)
@@ -260,7 +265,7 @@ def test_consume_falls_back_and_rejects_nonfinite(tmp_path):
                 with pytest.raises(NonFiniteError, match="zoo:inf") as e:
                     decode_weight_batch(
                         pa.array([r.to_safetensors_bytes() for r in recs], pa.binary()),
-                        [json.dumps(recs[0].config)] * 3,
+                        None,  # each row its embedded config (the column would have to equal it)
                         ids=["ok", "ok2", "inf"],
                         consume=consume,
                     )
