@@ -256,7 +256,9 @@ def _check_shard(
             got: list[Any] = []
             for g in range(md.num_row_groups):
                 with reading(path, f"row group {g}"):
-                    part = pf.read_row_group(g, columns=["lora_id"]).column(0).to_pylist()
+                    # every column, so a corrupt page anywhere (weights included) is found here
+                    # and not by the first reader of that LoRA; one row group in memory at a time
+                    part = pf.read_row_group(g).column("lora_id").to_pylist()
                 if len(part) != md.row_group(g).num_rows:
                     out.append(
                         f"{rel}: row group {g} holds {len(part)} rows but its footer says "
