@@ -456,15 +456,17 @@ def load_untrusted_yaml(
             finally:
                 self.depth -= 1
 
-    parser = _Bounded(text)
+    parser = None
     try:
+        parser = _Bounded(text)  # the reader checks the characters here: inside the boundary
         return parser.get_single_data()
     except yaml.YAMLError as e:
         raise bad(f"does not parse ({e})") from None
     except RecursionError:
         raise bad("nested too deeply") from None
     finally:
-        parser.dispose()
+        if parser is not None:
+            parser.dispose()
 
 
 def stable_permutation(n: int, seed: int, salt: str = "") -> list[int]:

@@ -133,6 +133,8 @@ def test_yaml_loader_refuses_aliases_depth_and_size_before_building_objects():
         load_untrusted_yaml("a: " + "x" * (2 << 20), file="r")
     with pytest.raises(ZooFormatError, match="does not parse"):
         load_untrusted_yaml("a: [", file="r")
+    with pytest.raises(ZooFormatError, match="does not parse"):  # refused by the reader itself
+        load_untrusted_yaml("\x93: x", file="r")  # (found by the fuzzer: it escaped as ReaderError)
     assert load_untrusted_yaml("configs: [{config_name: default}]") == {
         "configs": [{"config_name": "default"}]
     }
