@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 from lora_zoo.errors import LoraZooError
 from tests.reference.zoo_reader import RefusedByReference, decode_cell, read_reference
 
-EXAMPLES = int(os.environ.get("LORA_ZOO_FUZZ_EXAMPLES", "60"))
+EXAMPLES = int(os.environ.get("LORA_ZOO_FUZZ_EXAMPLES", "100"))
 FUZZ = settings(
     max_examples=EXAMPLES,
     deadline=None,
