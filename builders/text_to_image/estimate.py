@@ -67,6 +67,7 @@ def cost_model(cfg: Any, **_: Any) -> CostModel:
         unet, vae, text = pipe.unet, pipe.vae, pipe.text_encoder
         for part in (unet, vae, text):
             part.requires_grad_(False)
+        n_params = sum(p.numel() for p in unet.parameters())  # the base's, before the LoRAs
         mm = MultiLoraModel(unet, cfg.lora.targets, [LoraSpec(r=cfg.lora.r, alpha=cfg.lora.alpha)])
         f = pipe.vae_scale_factor
         lat = torch.zeros((1, unet.config.in_channels, res // f, res // f), dtype=dtype)
@@ -89,7 +90,6 @@ def cost_model(cfg: Any, **_: Any) -> CostModel:
             unet, list(mm.wrappers.values()), k=1, rows=rows, r=cfg.lora.r, run_one_row=one_row
         )
         resident = memory.model_bytes(vae) + memory.model_bytes(text)
-        n_params = sum(p.numel() for p in unet.parameters())
     mem = memory.MemoryEstimate(
         mem.k, mem.rows, mem.base + resident, mem.lora_state, mem.per_row, mem.transient
     )
