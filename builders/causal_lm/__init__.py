@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import torch
 from tqdm.auto import tqdm
 
-from lora_zoo.build.api import JobSpec, TrainedLora, stable_permutation
+from lora_zoo.build.api import CostModel, JobSpec, TrainedLora, stable_permutation
 from lora_zoo.engine import (
     LoraSpec,
     MultiLoraModel,
@@ -86,6 +86,16 @@ class CausalLMBuilder:
             config if isinstance(config, CausalLMConfig) else CausalLMConfig.model_validate(config)
         )
         return sorted({e.group for e in load_examples(cfg.data)})
+
+    @classmethod
+    def cost_model(cls, config: CausalLMConfig | dict[str, Any], **kw: Any) -> CostModel:
+        """FLOPs and memory per LoRA from the config alone (``estimate.py``)."""
+        from .estimate import cost_model
+
+        cfg = (
+            config if isinstance(config, CausalLMConfig) else CausalLMConfig.model_validate(config)
+        )
+        return cost_model(cfg, **kw)
 
     def train(self, jobs: Sequence[JobSpec]) -> list[TrainedLora]:
         if not jobs:

@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from lora_zoo.build.api import JobSpec, TrainedLora
+from lora_zoo.build.api import CostModel, JobSpec, TrainedLora
 from lora_zoo.errors import BuildError
 
 from .data import DataSpec, aggregate_attributes, build_index, read_attribute_table
@@ -161,6 +161,14 @@ class TextToImageBuilder:
                 self.config.eval.clip, device=self.device, cache_dir=self.cache_dir
             )
         return self._clip
+
+    @classmethod
+    def cost_model(cls, config: BaseModel, **kw: Any) -> CostModel:
+        """FLOPs and memory per LoRA from the config alone (``estimate.py``)."""
+        from .estimate import cost_model
+
+        cfg = config if isinstance(config, Config) else Config.model_validate(config)
+        return cost_model(cfg, **kw)
 
     @classmethod
     def list_groups(cls, config: BaseModel) -> list[str]:

@@ -7,7 +7,7 @@ keeps builders testable in isolation and lets ``rebuild`` re-run a single job fr
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
@@ -77,6 +77,30 @@ class TrainedLora:
     wall_time_s: float = 0.0
 
 
+@dataclass(frozen=True)
+class CostModel:
+    """What one LoRA of a builder's zoo costs, from its Config alone: no weights, no data
+        download (``lora-zoo plan RECIPE --estimate``; builders that can say so define the
+        classmethod ``cost_model(config, *, seq_len=None, examples=None, subset=None)``).
+
+        FLOPs follow torch's ``FlopCounterMode`` (multiply-add = 2; matmuls, convolutions and
+        attention only). ``samples_per_lora(hparams)``: training samples (rows or images) one LoRA
+        consumes with those resolved hyperparameters; ``rows_per_pass(hparams)``: rows per LoRA in
+    one forward. ``memory``: ``engine.memory.MemoryEstimate``
+        of one training pass at K = 1 (``.at(k)`` for another K). ``assumptions``: each figure the
+        estimate had to assume, printed beside it.
+    """
+
+    architecture: str
+    train_flops_per_sample: float
+    forward_flops_per_sample: float
+    eval_flops_per_lora: float
+    samples_per_lora: Callable[[Mapping[str, Any]], float]
+    rows_per_pass: Callable[[Mapping[str, Any]], int]
+    memory: Any
+    assumptions: tuple[str, ...] = ()
+
+
 @runtime_checkable
 class Builder(Protocol):
     """A zoo family. Registered under the ``lora_zoo.builders`` entry-point group.
@@ -108,6 +132,7 @@ class Builder(Protocol):
 __all__ = [
     "BUILDER_SECTIONS",
     "Builder",
+    "CostModel",
     "JobSpec",
     "TrainedLora",
     "cache_root",

@@ -45,6 +45,7 @@ from lora_zoo.build import plan as planlib
 from lora_zoo.build.api import JobSpec, TrainedLora
 from lora_zoo.build.backends import BACKENDS
 from lora_zoo.build.backends.store import build_key, open_store
+from lora_zoo.build.estimate import check_fits
 from lora_zoo.build.lock import work_dir_lock
 from lora_zoo.build.pack import _split_assignment, _work_dirs, pack
 from lora_zoo.build.recipe import Recipe, load_recipe, load_recipe_text
@@ -336,6 +337,7 @@ def _build(
     k = k or recipe.k
     if k < 1:
         raise BuildError(f"k must be >= 1, got {k}", key="k")
+    check_fits(recipe, k, device)  # before the plan downloads data or a pass runs out of memory
     all_jobs = planlib.plan(recipe, only_ids=only_ids, limit=limit)  # what this build makes
     want = {j.index for j in all_jobs}
     # batched passes always come from the full plan's fixed chunks (see the module docstring)

@@ -31,6 +31,17 @@ def register(sub: Any) -> None:
     _add_recipe_args(p)
     p.add_argument("--limit", type=int, default=None, help="first N jobs only")
     p.add_argument("--json", action="store_true", help="one JSON job per line")
+    p.add_argument(
+        "--estimate",
+        action="store_true",
+        help="FLOPs per LoRA and for the zoo, memory per K, GPU-hours; offline, no job table",
+    )
+    p.add_argument("--accelerator", default="H100", help="A100, H100 or H200 (bf16 peak)")
+    p.add_argument(
+        "--utilisation", type=float, default=None, help="assumed fraction of peak (default 0.3)"
+    )
+    p.add_argument("--seq", type=int, default=None, help="tokens per row (causal LM)")
+    p.add_argument("--examples", type=int, default=None, help="training examples in the data")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("build", help="train a recipe's LoRAs (resumable) and pack the zoo")
@@ -85,6 +96,18 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from lora_zoo.build.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
+    if args.estimate:
+        from lora_zoo.build.estimate import DEFAULT_UTILISATION, estimate_recipe, format_estimate
+
+        est = estimate_recipe(
+            recipe,
+            seq_len=args.seq,
+            examples=args.examples,
+            accelerator=args.accelerator,
+            utilisation=args.utilisation or DEFAULT_UTILISATION,
+        )
+        print(format_estimate(est))
+        return 0
     jobs = plan(recipe, limit=args.limit)
     if args.json:
         for j in jobs:

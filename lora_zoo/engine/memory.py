@@ -73,6 +73,12 @@ def lora_state_bytes(wrappers: Sequence[MultiLoraLinear], r: int) -> int:
     return sum(4 * 4 * r * (w.in_features + w.out_features) for w in wrappers)
 
 
+def _storage_key(t: torch.Tensor) -> int:
+    """The identity of a tensor's storage: its StorageImpl, which fake tensors (shapes only,
+    ``engine/cost.py``) have too, where every data pointer reads 0."""
+    return int(t.untyped_storage()._cdata)
+
+
 def probe_activations(
     run_one_row: Callable[[], torch.Tensor], model: nn.Module | None = None
 ) -> tuple[int, int]:
@@ -83,15 +89,13 @@ def probe_activations(
     # instance) for the input gradient: that memory is ``base``, already resident
     resident = set()
     if model is not None:
-        resident = {
-            t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())
-        }
+        resident = {_storage_key(t) for t in list(model.parameters()) + list(model.buffers())}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         # storage identity: a view saved twice must be counted once
         st = t.untyped_storage()
-        if st.data_ptr() not in resident and st.nbytes() > 0:
-            sizes[st.data_ptr()] = st.nbytes()
+        if _storage_key(t) not in resident and st.nbytes() > 0:
+            sizes[_storage_key(t)] = st.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
