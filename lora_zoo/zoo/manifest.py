@@ -77,8 +77,13 @@ def write_manifest(root: str | os.PathLike[str], manifest: Mapping[str, Any]) ->
 
 
 # ---- reading + structural validation -----------------------------------------------------------
-def validate_manifest(m: Any, *, file: str) -> dict[str, Any]:
-    """Check the manifest's structure (not the shards' bytes) with errors naming the key."""
+def _nonneg_int(v: Any, *, file: str, key: str) -> None:
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise ZooFormatError("must be a non-negative integer", file=file, key=key)
+
+
+def _check_header_keys(m: Any, *, file: str) -> int:
+    """The top level: an object with a supported format version; returns the version."""
     if not isinstance(m, dict):
         raise ZooFormatError("manifest is not a JSON object", file=file)
     for k in ("format_version", "splits", "columns"):
@@ -94,46 +99,44 @@ def validate_manifest(m: Any, *, file: str) -> dict[str, Any]:
         )
     if not isinstance(m["splits"], dict):
         raise ZooFormatError("must be an object {split: {...}}", file=file, key="splits")
+    return fv
+
+
+def _check_shard_entry(sh: Any, where: str, seen: dict[str, str], *, file: str) -> None:
+    """One shard entry: every key, a safe path under data/, sizes, a hash, listed once."""
+    for k in SHARD_KEYS:
+        if not isinstance(sh, dict) or k not in sh:
+            raise ZooFormatError("missing key", file=file, key=f"{where}.{k}")
+    safe_relpath(sh["path"], file=file, key=f"{where}.path", under=(DATA_DIR,))
+    for k in ("num_rows", "num_bytes"):
+        _nonneg_int(sh[k], file=file, key=f"{where}.{k}")
+    if not isinstance(sh["sha256"], str):
+        raise ZooFormatError("must be a hex string", file=file, key=f"{where}.sha256")
+    # a shard listed twice would serve its rows twice, and only one entry's hash would describe
+    # the bytes actually read
+    if sh["path"] in seen:
+        raise ZooFormatError(
+            f"shard {sh['path']!r} is listed twice (also at {seen[sh['path']]})",
+            file=file,
+            key=f"{where}.path",
+        )
+    seen[sh["path"]] = f"{where}.path"
+
+
+def _check_splits(m: dict[str, Any], *, file: str) -> None:
     seen: dict[str, str] = {}  # shard path -> where it was listed first
     for s, sp in m["splits"].items():
         if not isinstance(sp, dict) or not isinstance(sp.get("shards"), list):
             raise ZooFormatError("needs a 'shards' list", file=file, key=f"splits.{s}")
         for k in ("num_rows", "num_bytes"):
-            v = sp.get(k, 0)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise ZooFormatError(
-                    "must be a non-negative integer", file=file, key=f"splits.{s}.{k}"
-                )
+            _nonneg_int(sp.get(k, 0), file=file, key=f"splits.{s}.{k}")
         for i, sh in enumerate(sp["shards"]):
-            for k in SHARD_KEYS:
-                if not isinstance(sh, dict) or k not in sh:
-                    raise ZooFormatError("missing key", file=file, key=f"splits.{s}.shards.{i}.{k}")
-            safe_relpath(
-                sh["path"], file=file, key=f"splits.{s}.shards.{i}.path", under=(DATA_DIR,)
-            )
-            for k in ("num_rows", "num_bytes"):
-                if not isinstance(sh[k], int) or isinstance(sh[k], bool) or sh[k] < 0:
-                    raise ZooFormatError(
-                        "must be a non-negative integer",
-                        file=file,
-                        key=f"splits.{s}.shards.{i}.{k}",
-                    )
-            if not isinstance(sh["sha256"], str):
-                raise ZooFormatError(
-                    "must be a hex string", file=file, key=f"splits.{s}.shards.{i}.sha256"
-                )
-            # a shard listed twice would serve its rows twice, and only one entry's hash
-            # would describe the bytes actually read
-            where = f"splits.{s}.shards.{i}.path"
-            if sh["path"] in seen:
-                raise ZooFormatError(
-                    f"shard {sh['path']!r} is listed twice (also at {seen[sh['path']]})",
-                    file=file,
-                    key=where,
-                )
-            seen[sh["path"]] = where
+            _check_shard_entry(sh, f"splits.{s}.shards.{i}", seen, file=file)
         for k in ("num_rows", "num_bytes"):  # optional per split: the sum of its shards
             sp.setdefault(k, sum(sh[k] for sh in sp["shards"]))
+
+
+def _check_columns(m: dict[str, Any], *, file: str) -> None:
     if not isinstance(m["columns"], list):
         raise ZooFormatError("must be a list", file=file, key="columns")
     for i, c in enumerate(m["columns"]):
@@ -143,6 +146,9 @@ def validate_manifest(m: Any, *, file: str) -> dict[str, Any]:
             raise ZooFormatError("name and type must be strings", file=file, key=f"columns.{i}")
         if c["role"] not in ROLES:
             raise ZooFormatError(f"unknown role {c['role']!r}", file=file, key=f"columns.{i}.role")
+
+
+def _check_named_split_entries(m: dict[str, Any], fv: int, *, file: str) -> dict[str, Any]:
     named = m.setdefault("named_splits", {})
     if not isinstance(named, dict):
         raise ZooFormatError("must be an object {name: {...}}", file=file, key="named_splits")
@@ -163,6 +169,15 @@ def validate_manifest(m: Any, *, file: str) -> dict[str, Any]:
                 where,
                 " / ".join(missing),
             )
+    return named
+
+
+def validate_manifest(m: Any, *, file: str) -> dict[str, Any]:
+    """Check the manifest's structure (not the shards' bytes) with errors naming the key."""
+    fv = _check_header_keys(m, file=file)
+    _check_splits(m, file=file)
+    _check_columns(m, file=file)
+    named = _check_named_split_entries(m, fv, file=file)
     listed = [(f"splits.{s}.shards.{i}.path", sh["path"]) for s, sp in m["splits"].items()
               for i, sh in enumerate(sp["shards"])]  # fmt: skip
     listed += [(f"named_splits.{n}.path", ns.get("path", f"{SPLITS_DIR}/{n}.json"))
