@@ -223,7 +223,7 @@ def plot_spectra(zoo: Any, path: Path, max_loras: int = 64, max_panels: int = 12
 
 def plot_bench(zoo: Any, path: Path) -> Path | None:
     """Primary test metric per bench model (mean ± std over seeds) against the baseline."""
-    from lora_zoo.cards.bench import read_bench
+    from lora_zoo.cards.lol_results import read_bench
 
     res = read_bench(zoo)
     if not res or not res.get("runs") or not res.get("primary_metric"):

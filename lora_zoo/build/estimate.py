@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from lora_zoo.build.recipe import Recipe
-from lora_zoo.build.seeding import rng
 from lora_zoo.build.space import sample
 from lora_zoo.errors import BuildError
+from lora_zoo.seeding import rng
 
 log = logging.getLogger(__name__)
 

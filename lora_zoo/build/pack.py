@@ -204,11 +204,12 @@ def _write_rows(
 ) -> None:
     """Pass 2: each finished LoRA read (and its sha256 checked) once, into the writer."""
     import torch
-    from tqdm.auto import tqdm
+
+    from lora_zoo.progress import track
 
     dtype = getattr(torch, output.dtype)
     base_name = _base_name(resolved)
-    for i in tqdm(done, desc="pack", unit="lora", disable=not progress):
+    for i in track(done, desc="pack", unit="lora", enabled=progress):
         j, wd = c.jobs[i], c.found[i][0]
         res = wd.read_result(i)  # the one read + sha256 of this LoRA's weights
         if res is None:

@@ -31,9 +31,9 @@ from typing import Any
 
 from lora_zoo.build.api import JobSpec
 from lora_zoo.build.recipe import Recipe
-from lora_zoo.build.seeding import job_seeds, rng
 from lora_zoo.build.space import sample
 from lora_zoo.errors import RecipeError
+from lora_zoo.seeding import job_seeds, rng
 
 log = logging.getLogger(__name__)
 

@@ -181,7 +181,7 @@ SHAPING_MODULES = (
     "lora_zoo._io",
     "lora_zoo.build.api",
     "lora_zoo.build.plan",
-    "lora_zoo.build.seeding",
+    "lora_zoo.seeding",
     "lora_zoo.build.space",
 )
 

@@ -171,7 +171,7 @@ def run_jobs(
     trained with their chunk but never recorded. ``store`` (an fsspec URL): workers put each
     finished LoRA there and the work dir records references (backends/store.py); a LoRA found
     there on start is recorded, not retrained. ``backend_options``: Ray's ``RAY_OPTIONS``."""
-    from tqdm.auto import tqdm
+    from lora_zoo.progress import track
 
     if max_attempts < 1:
         raise BuildError("max_attempts must be >= 1", key="max_attempts")
@@ -192,7 +192,7 @@ def run_jobs(
         return states
     train = trainer(recipe, device, todo, store=store, build=build_name, options=backend_options)
     done0 = sum(s.state != PENDING for s in states.values())
-    bar = tqdm(total=len(jobs), initial=done0, desc=recipe.name, unit="lora", disable=not progress)
+    bar = track(total=len(jobs), initial=done0, desc=recipe.name, unit="lora", enabled=progress)
     try:
         for chunk in todo:
             pend = [j for j in chunk if pending(j)]

@@ -1,8 +1,9 @@
-"""CLI verbs of the build pipeline: ``plan``, ``build``, ``pack``, ``status``.
+"""CLI verbs of the build pipeline: ``plan``, ``build``, ``pack``, ``status``, ``rebuild``.
 
 ``plan`` shows what a recipe would train without training; ``build`` trains with resume (run
 the same command again after a crash) and packs; ``--shard I/N`` builds a slice that ``pack``
-later merges with its siblings; ``status`` reports progress and failures of a work dir.
+later merges with its siblings; ``status`` reports progress and failures of a work dir;
+``rebuild`` re-trains a downloaded zoo from its stored recipe (local paths only under --allow-path).
 """
 
 from __future__ import annotations
@@ -89,6 +90,23 @@ def register(sub: Any) -> None:
     p.add_argument("dir", help="build OUT dir or a .build* work dir")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("rebuild", help="re-train a zoo (or some LoRAs) from its stored recipe")
+    p.add_argument("source", help="zoo folder, Hub repo id or fsspec URL")
+    p.add_argument("--out", required=True, help="folder for the rebuilt zoo")
+    p.add_argument("--only", default=None, help="comma-separated lora_ids to rebuild")
+    p.add_argument("--revision", default=None)
+    p.add_argument("--force", action="store_true", help="rebuild despite a builder VERSION change")
+    p.add_argument(
+        "--allow-path",
+        action="append",
+        default=[],
+        metavar="ROOT",
+        help="let the stored recipe read local files under ROOT (repeatable; default: none)",
+    )
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_rebuild, needs_stack=True)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -203,3 +221,52 @@ def cmd_status(args: argparse.Namespace) -> int:
             step = f" at step {f['failed_step']}" if f["failed_step"] is not None else ""
             print(f"  failed {f['lora_id']}{step} (attempts {f['attempts']}): {f['reason']}")
     return 0
+
+
+def cmd_rebuild(args: argparse.Namespace) -> int:
+    from lora_zoo.build.runner import rebuild_from_zoo
+
+    only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
+    source = args.source
+    if args.revision:
+        from lora_zoo.load.source import load_zoo
+
+        source = load_zoo(args.source, revision=args.revision).root
+    _print_drift(source, args.revision)
+    res = rebuild_from_zoo(
+        source,
+        args.out,
+        only,
+        force=args.force,
+        device=args.device,
+        progress=not args.no_progress,
+        allow_paths=args.allow_path,
+    )
+    c = res.counts
+    print(f"{c['done']} done, {c['failed']} failed, {c['pending']} pending; zoo: {res.zoo}")
+    return 0 if c["pending"] == 0 and c["failed"] == 0 else 1
+
+
+def _print_drift(source: str, revision: str | None) -> None:
+    """Before a rebuild: what differs from the environment the zoo was built in."""
+    from lora_zoo import env
+    from lora_zoo.load.source import load_zoo
+
+    info = load_zoo(source, revision=revision).info
+    stored = (info.get("provenance") or {}).get("environment")
+    print(env.format_drift(env.drift(stored, env.capture())))
+    built = info.get("builder") or {}
+    if built.get("name") and built.get("source_sha256"):
+        from lora_zoo.build.registry import builder_info
+
+        try:
+            here = builder_info(built["name"])
+        except Exception:  # an unknown builder is reported by the rebuild itself
+            return
+        for key, what in (("builder_source_sha256", "builder's source"),
+                          ("library_sha256", "lora-zoo engine / record / seeding source")):  # fmt: skip
+            if built.get(key) and built[key] != here[key]:
+                print(f"code drift: the {what} changed since the zoo was built "
+                      "(same VERSION): bit-identical output is not guaranteed")  # fmt: skip
+        if not built.get("library_sha256") and built["source_sha256"] != here["source_sha256"]:
+            print("code drift: the builder's source hash differs from the zoo's")

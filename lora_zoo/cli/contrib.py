@@ -1,4 +1,5 @@
-"""CLI verbs to contribute collections: ``ingest``, ``merge``, ``export``."""
+"""CLI verbs to contribute and compare collections: ``ingest``, ``merge``, ``export``, ``diff``
+(exit 1 when two zoos differ, so it can gate a rebuild in CI)."""
 
 from __future__ import annotations
 
@@ -90,6 +91,20 @@ def register(sub: Any) -> None:
     p.add_argument("--revision", default=None)
     p.set_defaults(func=cmd_export, needs_stack=True)
 
+    p = sub.add_parser("diff", help="compare two zoos; exit 1 when they differ")
+    p.add_argument("a", help="zoo folder, Hub repo id or fsspec URL")
+    p.add_argument("b")
+    p.add_argument("--atol", type=float, default=0.0, help="absolute tolerance (labels, weights)")
+    p.add_argument("--rtol", type=float, default=0.0, help="relative tolerance (labels, weights)")
+    p.add_argument(
+        "--subset",
+        action="store_true",
+        help="B holds only some of A's LoRAs (a --only rebuild): compare those",
+    )
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--max-lines", type=int, default=50)
+    p.set_defaults(func=cmd_diff)
+
 
 def cmd_ingest(args: argparse.Namespace) -> int:
     from lora_zoo.contrib.ingest import ingest
@@ -157,3 +172,20 @@ def cmd_export(args: argparse.Namespace) -> int:
     path = export_lora(args.zoo, args.lora_id, args.format, args.out, revision=args.revision)
     print(path)
     return 0
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    from lora_zoo import env
+    from lora_zoo.contrib.diff import diff_zoos
+
+    rep = diff_zoos(args.a, args.b, atol=args.atol, rtol=args.rtol, subset=args.subset)
+    rows = env.drift(rep.env_a, rep.env_b)
+    if args.json:
+        d = rep.to_dict()
+        d["environment_drift"] = [r.__dict__ for r in rows]
+        d["bit_identical_expected"] = env.bit_identical_expected(rows)
+        print(json.dumps(d, indent=1))
+    else:
+        print(env.format_drift(rows, left="A", right="B"))
+        print(rep.format(max_lines=args.max_lines))
+    return 0 if rep.equal else 1

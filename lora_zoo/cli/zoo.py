@@ -1,4 +1,4 @@
-"""CLI verbs on a zoo folder: ``info``, ``verify``, ``split``, ``env``."""
+"""CLI verbs on a zoo folder: ``info``, ``verify``, ``split``, ``env``, ``card``."""
 
 from __future__ import annotations
 
@@ -42,6 +42,13 @@ def register(sub: Any) -> None:
     p.add_argument("--write", default=None, metavar="FILE", help="write its requirements file")
     p.add_argument("--print", dest="show", action="store_true", help="print the requirements")
     p.set_defaults(func=cmd_env)
+
+    p = sub.add_parser("card", help="render README.md (dataset card) and plots of a zoo folder")
+    p.add_argument("dir", help="local zoo folder")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--template", default=None, help="a Jinja2 template file to use instead")
+    p.add_argument("--stdout", action="store_true", help="print the card instead of writing it")
+    p.set_defaults(func=cmd_card)
 
 
 def summarize(zoo: Any) -> dict[str, Any]:
@@ -206,4 +213,15 @@ def cmd_env(args: argparse.Namespace) -> int:
     else:
         print("recreate it:")
     print(f"  python{py} -m venv zoo-env && . zoo-env/bin/activate && pip install -r {req}")
+    return 0
+
+
+def cmd_card(args: argparse.Namespace) -> int:
+    from lora_zoo.cards import render_card, write_card
+
+    if args.stdout:
+        print(render_card(args.dir, template=args.template))
+        return 0
+    path = write_card(args.dir, plots=not args.no_plots, template=args.template)
+    print(f"wrote {path}")
     return 0

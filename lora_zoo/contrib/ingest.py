@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from lora_zoo.contrib.formats import FORMATS, read_adapter
 from lora_zoo.contrib.formats.base_arch import module_shapes
@@ -39,6 +38,7 @@ from lora_zoo.contrib.formats.peft import CONFIG_NAME
 from lora_zoo.contrib.ingest_hub import fetch_all, is_hub_source
 from lora_zoo.contrib.ingest_table import MetadataTable, read_table
 from lora_zoo.errors import CorruptFileError, LoraZooError, PathEscapeError, ShapeMismatchError
+from lora_zoo.progress import track
 from lora_zoo.record import LoraRecord
 from lora_zoo.zoo.writer import ZooWriter
 
@@ -417,7 +417,7 @@ def _ingest(
 ) -> dict[str, Any]:
     st = _IngestState()
     with ZooWriter(out, mode="create") as w:
-        for c in tqdm(cands, desc="ingest", unit="lora", disable=len(cands) < 20):
+        for c in track(cands, desc="ingest", unit="lora", enabled=len(cands) >= 20):
             try:
                 _ingest_one(w, c, opt, st)
             except LoraZooError as e:

@@ -41,8 +41,8 @@ from lora_zoo.errors import (
     PickleRefusedError,
     RemoteError,
 )
-from lora_zoo.remote.sources import HF_PREFIX, hub_api, hub_endpoint, hub_token, parse_source
-from lora_zoo.remote.sources import is_hub_source as is_hub_source
+from lora_zoo.remote.address import HF_PREFIX, hub_api, hub_endpoint, hub_token, parse_source
+from lora_zoo.remote.address import is_hub_source as is_hub_source
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ class HubFetch:
 
 
 def parse_hub_source(src: str, revision: str | None = None) -> HubSource:
-    """Split a Hub SRC (``remote.sources.parse_source``; a bare ``owner/name`` is a model repo
+    """Split a Hub SRC (``remote.address.parse_source``; a bare ``owner/name`` is a model repo
     here); ``revision`` (``--revision``) applies unless the SRC pins ``@rev``."""
     spec = parse_source(src, revision, default_repo_type="model")
     if spec.kind != "hub":

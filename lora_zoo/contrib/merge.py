@@ -15,11 +15,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from lora_zoo._io import atomic_write_bytes
 from lora_zoo.errors import IncompatibleBaseModelError
 from lora_zoo.load.source import load_zoo
+from lora_zoo.progress import track
 from lora_zoo.zoo.reader import Zoo
 from lora_zoo.zoo.schema import CORE_COLUMNS
 from lora_zoo.zoo.writer import ZooWriter
@@ -49,7 +48,9 @@ def _copy(
     label_cols = set(zoo.columns_with_role("label"))
     for split in zoo.splits:
         sp = zoo[split]
-        for i in tqdm(range(len(sp)), desc=f"merge {name}/{split}", disable=len(sp) < 100):
+        for i in track(
+            range(len(sp)), desc=f"merge {name}/{split}", unit="lora", enabled=len(sp) >= 100
+        ):
             row = sp.row(i)
             if only_base is not None and row["base_model"] != only_base:
                 continue

@@ -37,7 +37,6 @@ import fnmatch
 import logging
 import math
 import os
-import random
 import re
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -53,6 +52,7 @@ from lora_zoo.load.collate import _arrow_labels, _merge, label_masks, labels_to_
 from lora_zoo.load.decode import Factors, decode_weight_batch
 from lora_zoo.load.views import RANK_KEYS, ViewContext, apply_view_many, get_view
 from lora_zoo.record import LoraRecord
+from lora_zoo.seeding import shuffle_rng
 
 logger = logging.getLogger(__name__)
 
@@ -449,7 +449,7 @@ class LoraIterableDataset(_ZooViews, IterableDataset):
             if have:
                 yield pa.concat_tables(pending)
             return
-        rng = random.Random(f"lora-zoo/stream/{self.seed}/{self.epoch}/{me}")
+        rng = shuffle_rng(self.seed, self.epoch, me)
         buf: list[Any] = []  # one-row slices (zero-copy references into the read tables)
 
         def draw(k: int) -> Any:

@@ -52,6 +52,7 @@ from lora_zoo.lol.models import (
     specs_from_batch,
 )
 from lora_zoo.lol.models.baseline import baseline_predict
+from lora_zoo.seeding import sub_seed
 
 logger = logging.getLogger(__name__)
 
@@ -236,17 +237,17 @@ def train_model(
     desc: str = "",
 ) -> dict[str, Any]:
     """AdamW on minibatches, early stopping on the validation loss; restores the best epoch."""
-    from tqdm.auto import tqdm
+    from lora_zoo.progress import track
 
     (xm, y), (vm, vy) = fit, valid
     dev = next(model.parameters()).device
     y, vy = y.to(dev), vy.to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(seed)
-    aug_gen = torch.Generator().manual_seed(seed + 7919)
+    aug_gen = torch.Generator().manual_seed(sub_seed(seed, "augment"))
     n = len(y)
     best, best_epoch, best_state = math.inf, -1, None
-    bar = tqdm(range(cfg.max_epochs), desc=desc, leave=False, disable=None if progress else True)
+    bar = track(range(cfg.max_epochs), desc=desc, unit="epoch", nested=True, enabled=progress)
     for epoch in bar:
         model.train()
         perm = torch.randperm(n, generator=gen)
@@ -452,7 +453,7 @@ def _run_one(
     per_seed, preds0, model = [], None, None
     t0 = time.perf_counter()
     for rep in range(repeats):
-        seed = 1000 * b.split_seed + rep
+        seed = sub_seed(b.split_seed, "bench", f"repeat{rep}", bits=31)
         pred, train_info, model = _fit_one_seed(b, info, view, aug, seed, hp)
         preds0 = pred if preds0 is None else preds0
         per_seed.append({"seed": seed, "metrics": score(b.task, b.y_test, pred), **train_info})

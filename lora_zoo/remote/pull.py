@@ -40,7 +40,7 @@ from lora_zoo._io import (
     tmp_path_for,
 )
 from lora_zoo.errors import IntegrityError, RemoteError, ZooFormatError
-from lora_zoo.remote.sources import (
+from lora_zoo.remote.address import (
     RemoteSpec,
     hub_api,
     is_hub_source,
@@ -179,7 +179,7 @@ def download_zoo(
     ``extra`` also copies the other visible files (recipe, jobs, plots, card assets), each
     capped at ``unlisted_max_bytes``. Every path stays inside ``dest`` (``resolve_under``), and
     the declared total is checked against ``max_total_bytes`` before anything is fetched."""
-    from tqdm.auto import tqdm
+    from lora_zoo.progress import track
 
     if manifest is None or manifest_bytes is None:
         manifest, manifest_bytes = read_remote_manifest(fs, root)
@@ -202,7 +202,7 @@ def download_zoo(
             file=posixpath.join(root, MANIFEST_NAME),
             key="num_bytes",
         )
-    for rel, meta in tqdm(sorted(wanted.items()), desc="pull", unit="file", disable=not progress):
+    for rel, meta in track(sorted(wanted.items()), desc="pull", unit="file", enabled=progress):
         local = resolve_under(dest, rel, file=posixpath.join(root, rel), key="path")
         if meta["sha256"] and local.exists() and sha256_local(local) == meta["sha256"]:
             continue  # resumed pull: already here and intact

@@ -27,7 +27,7 @@ from typing import Any
 
 from lora_zoo._io import sha256_file, sha256_local
 from lora_zoo.errors import IntegrityError, RemoteError
-from lora_zoo.remote.sources import hub_api, parse_source, resolve_fsspec
+from lora_zoo.remote.address import hub_api, parse_source, resolve_fsspec
 from lora_zoo.zoo.manifest import all_shards, read_manifest, verify
 from lora_zoo.zoo.schema import DATA_DIR, MANIFEST_NAME, MAX_FILES_PER_DIR, SPLITS_DIR
 
@@ -222,11 +222,11 @@ def _hub_commit(
 ) -> Any:
     """LFS uploads first, in batches (each finished batch survives an interruption), then one
     commit of every change on top of ``head``."""
-    from tqdm.auto import tqdm
+    from lora_zoo.progress import track
 
     repo_id, rtype, rev = spec.repo_id, spec.repo_type, spec.revision
     batches = [adds[i : i + batch_files] for i in range(0, len(adds), batch_files)]
-    for batch in tqdm(batches, desc="upload", unit="batch", disable=not progress):
+    for batch in track(batches, desc="upload", unit="batch", enabled=progress):
         api.preupload_lfs_files(
             repo_id, additions=batch, repo_type=rtype, revision=rev, create_pr=create_pr
         )
@@ -316,7 +316,7 @@ def _push_fsspec(
     *,
     progress: bool,
 ) -> PushResult:
-    from tqdm.auto import tqdm
+    from lora_zoo.progress import track
 
     fs, rroot = resolve_fsspec(spec, storage_options)
     res = PushResult(target=spec.url)
@@ -330,7 +330,7 @@ def _push_fsspec(
         pass
     new_sha = {sh["path"]: sh["sha256"] for _s, sh in all_shards(manifest)}
     body = [f for f in files if f != MANIFEST_NAME]
-    for rel in tqdm(body, desc="upload", unit="file", disable=not progress):
+    for rel in track(body, desc="upload", unit="file", enabled=progress):
         src, dst = root / rel, posixpath.join(rroot, rel)
         if rel in new_sha and _same_bytes(fs, dst, src.stat().st_size, new_sha[rel]):
             # "already there" is decided by the bytes' sha256, never by size or by the old

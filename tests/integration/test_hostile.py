@@ -43,7 +43,7 @@ def _serve(backend: str, src: Path, request) -> str:
     request.getfixturevalue("hub")
     from huggingface_hub import HfApi
 
-    from lora_zoo.remote.sources import hub_endpoint
+    from lora_zoo.remote.address import hub_endpoint
 
     api = HfApi(endpoint=hub_endpoint(), token="hf_dummy_token")
     repo = f"mallory/{src.name.replace('_', '-')}"
@@ -156,8 +156,8 @@ def test_hostile_weight_cells_are_refused_when_decoded(case, good, tmp_path, mon
 
 # ---- symlinks (a local folder is the one source that can hold them) ---------------------------
 def test_pull_of_a_local_folder_never_copies_a_symlink_to_a_secret(good, tmp_path):
+    from lora_zoo.remote.address import parse_source, resolve_fsspec
     from lora_zoo.remote.pull import download_zoo
-    from lora_zoo.remote.sources import parse_source, resolve_fsspec
 
     secret = tmp_path / "secret.txt"
     secret.write_text("s3cr3t")

@@ -223,7 +223,7 @@ def test_plain_datasets_load_dataset_from_the_stand_in(hub, zoo_dir, tmp_path): 
 
 def test_row_group_limit_and_source_parsing(hub, zoo_dir, monkeypatch):  # noqa: F811
     import lora_zoo.remote.push as hubmod
-    from lora_zoo.remote.sources import parse_source
+    from lora_zoo.remote.address import parse_source
 
     monkeypatch.setattr(hubmod, "MAX_ROW_GROUP_BYTES", 1000)
     with pytest.raises(RemoteError, match=r"data/\w+-00000\.parquet: row_group_max_bytes"):

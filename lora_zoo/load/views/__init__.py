@@ -33,7 +33,6 @@ thread's OpenMP setting.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -44,6 +43,7 @@ import torch
 from lora_zoo.errors import SelectionError
 from lora_zoo.load import symmetry
 from lora_zoo.registry import Registry
+from lora_zoo.seeding import augment_seed
 
 logger = logging.getLogger(__name__)
 
@@ -179,14 +179,6 @@ def aligned_view(u: torch.Tensor, v: torch.Tensor, ctx: ViewContext) -> dict[str
     u_t, v_t = symmetry.pad_rank(u_t, r), symmetry.pad_rank(v_t, r)
     ua, va = symmetry.align(u, v, u_t, v_t, out_dtype=ctx.dtype or u.dtype)
     return {"U": ua, "V": va}
-
-
-def augment_seed(seed: int, epoch: int, index: int, module: str) -> int:
-    """A stable 63-bit seed for (seed, epoch, LoRA index, module): the same R every run, on every
-    worker, whatever the batch composition (Python's hash() is salted per process; this is not).
-    """
-    h = hashlib.blake2b(f"gl_augment|{seed}|{epoch}|{index}|{module}".encode(), digest_size=8)
-    return int.from_bytes(h.digest(), "little") >> 1
 
 
 @register_view("gl_augment")

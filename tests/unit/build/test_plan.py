@@ -9,9 +9,9 @@ import pytest
 
 from lora_zoo.build.plan import format_table, jobs_from_jsonl, jobs_to_jsonl, lora_id, plan
 from lora_zoo.build.recipe import load_recipe_text
-from lora_zoo.build.seeding import derive_seed, job_seeds, rng
 from lora_zoo.build.space import sample
 from lora_zoo.errors import RecipeError
+from lora_zoo.seeding import derive_seed, job_seeds, rng
 from tests.fixtures.toy_builder import TOY_RECIPE, register, toy_recipe
 
 

@@ -1,4 +1,11 @@
-"""The one place seeds are derived.
+"""The one place seeds are derived, for every stage (build, load, lol, builders).
+
+Why here, at the bottom of the layers beside ``errors``: a rule "derive seeds only in seeding"
+can only hold if every stage may import it; it used to live in ``build/`` above ``load/``, so
+loaders and the bench did ``seed + 7919`` instead. Never do arithmetic on a seed: ask for a
+named sub-stream (``sub_seed(seed, "augment")``), so two streams never collide by accident and
+adding one never shifts another. ``tests/unit/test_seeding.py`` scans the tree for
+``seed + <int>`` / ``seed * <int>`` and fails.
 
 Why a hash and not ``np.random.SeedSequence`` or ``random.Random(seed + index)``: a zoo must be
 reproducible from its recipe years later, on another OS, with other numpy/torch versions. A
@@ -21,6 +28,7 @@ recipe does not change the values drawn for the others).
 from __future__ import annotations
 
 import hashlib
+import random
 
 import numpy as np
 
@@ -73,3 +81,31 @@ def rng(recipe_seed: int, index: int, stream: str) -> np.random.Generator:
     """A numpy Generator (PCG64) seeded from ``derive_seed``; PCG64's output for a given seed
     is part of numpy's stability promise, so draws are reproducible across versions."""
     return np.random.Generator(np.random.PCG64(derive_seed(recipe_seed, index, stream)))
+
+
+def sub_seed(seed: int, *names: str, bits: int = 63) -> int:
+    """A named sub-stream of any integer ``seed`` (a JobSpec stream, a bench repeat, a user's
+    ``--seed``): ``sha256("lora-zoo/sub/v1/{seed}/{name}/{name}...")``, top ``bits`` bits.
+    Distinct names give independent seeds; the formula is fixed (outputs of builders depend on it)."""
+    if bits not in (31, 63):
+        raise ValueError(f"bits must be 31 or 63, got {bits}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    if not names or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"sub_seed needs one or more non-empty names, got {names!r}")
+    msg = "/".join(("lora-zoo/sub/v1", str(seed), *names)).encode()
+    return int.from_bytes(hashlib.sha256(msg).digest()[:8], "big") >> (64 - bits)
+
+
+def augment_seed(seed: int, epoch: int, index: int, module: str) -> int:
+    """The GL-augmentation seed for (seed, epoch, LoRA index, module): the same R every run, on
+    every worker, whatever the batch composition (Python's ``hash()`` is salted per process; this
+    is not). Its own formula (blake2b, kept from format version 1 so augmented runs repeat)."""
+    h = hashlib.blake2b(f"gl_augment|{seed}|{epoch}|{index}|{module}".encode(), digest_size=8)
+    return int.from_bytes(h.digest(), "little") >> 1
+
+
+def shuffle_rng(seed: int, epoch: int, worker: int) -> random.Random:
+    """The streaming loader's shuffle-buffer draw for (seed, epoch, worker): ``random.Random``
+    seeded by a string is hashed with SHA-512 by CPython, stable across runs and versions."""
+    return random.Random(f"lora-zoo/stream/{seed}/{epoch}/{worker}")
