@@ -15,6 +15,7 @@ import math
 import os
 import re
 from collections import Counter
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -347,46 +348,60 @@ def fence_for(text: str) -> str:
     return "`" * max(3, longest + 1)
 
 
-def card_context(
-    zoo: Any, plots: dict[str, str] | None = None, repo_id: str | None = None
-) -> dict[str, Any]:
-    raw_info, m = zoo.info, zoo.manifest
-    info = md_tree(raw_info)  # every zoo string escaped once, before any helper formats it
-    header = card_header(zoo)
+#: plot key -> (alt text, caption) for the card's figures (cards/plots.py writes the files)
+PLOT_CAPTIONS: dict[str, tuple[str, str]] = {
+    "labels": ("label distributions", "Distribution of every numeric label over all LoRAs."),
+    "spectra": (
+        "singular value spectra",
+        "Singular values of each module's ΔW (median and "
+        "10-90% band over sampled LoRAs and layers), per module family; computed "
+        "from the r x r core, GL(r)-invariant.",
+    ),
+    "hparams": (
+        "hyperparameter histograms",
+        "Ranks, alphas and the training hyperparameters that vary across the zoo.",
+    ),
+    "bench": (
+        "what LoL models learn from this zoo",
+        "Test-split score of each `lora-zoo bench` model (mean and std over seeds), against "
+        "the baseline (dashed).",
+    ),
+}
+
+
+def _ranks_and_bases(zoo: Any) -> tuple[Counter[int], set[str]]:
+    """How many LoRAs of each rank, and every base model named, over all splits."""
     ranks: Counter[int] = Counter()
     base: set[str] = set()
     for s in zoo.splits:
         t = zoo[s].table(["rank", "base_model"])
         ranks.update(t.column("rank").to_pylist())
         base.update(b for b in t.column("base_model").to_pylist() if b)
+    return ranks, base
+
+
+def _recipe_text(raw_info: Mapping[str, Any]) -> str:
+    """The recipe as stored (raw text; the template fences it), else its resolved form."""
+    return (raw_info.get("recipe") or "").strip("\n") or (
+        yaml.safe_dump(raw_info["recipe_resolved"], sort_keys=False).strip("\n")
+        if raw_info.get("recipe_resolved")
+        else ""
+    )
+
+
+def card_context(
+    zoo: Any, plots: dict[str, str] | None = None, repo_id: str | None = None
+) -> dict[str, Any]:
+    raw_info, m = zoo.info, zoo.manifest
+    info = md_tree(raw_info)  # every zoo string escaped once, before any helper formats it
+    header = card_header(zoo)
+    ranks, base = _ranks_and_bases(zoo)
     modules, dtypes = _modules_and_dtypes(zoo)
     nbytes = sum(sp["num_bytes"] for sp in m["splits"].values())
     b = builder_of(info)
     first_split = zoo.splits[0] if zoo.splits else "train"
     labels = md_tree(zoo[first_split].label_columns if zoo.splits else [])
-    captions = {
-        "labels": ("label distributions", "Distribution of every numeric label over all LoRAs."),
-        "spectra": (
-            "singular value spectra",
-            "Singular values of each module's ΔW (median and "
-            "10-90% band over sampled LoRAs and layers), per module family; computed "
-            "from the r x r core, GL(r)-invariant.",
-        ),
-        "hparams": (
-            "hyperparameter histograms",
-            "Ranks, alphas and the training hyperparameters that vary across the zoo.",
-        ),
-        "bench": (
-            "what LoL models learn from this zoo",
-            "Test-split score of each `lora-zoo bench` model (mean and std over seeds), against "
-            "the baseline (dashed).",
-        ),
-    }
-    recipe = (raw_info.get("recipe") or "").strip("\n") or (
-        yaml.safe_dump(raw_info["recipe_resolved"], sort_keys=False).strip("\n")
-        if raw_info.get("recipe_resolved")
-        else ""
-    )
+    recipe = _recipe_text(raw_info)
     return {
         "header_yaml": yaml.safe_dump(header, sort_keys=False, allow_unicode=True, width=100),
         "title": md(_title(zoo)),
@@ -425,9 +440,9 @@ def card_context(
         ],
         "label_stats": md_tree(label_stats(zoo)),
         "plots": [
-            {"file": f, "alt": captions[k][0], "caption": captions[k][1]}
+            {"file": f, "alt": PLOT_CAPTIONS[k][0], "caption": PLOT_CAPTIONS[k][1]}
             for k, f in (plots or {}).items()
-            if k in captions
+            if k in PLOT_CAPTIONS
         ],
         "provenance": provenance_rows(info),
         "bench": md_tree(bench_rows(zoo)),

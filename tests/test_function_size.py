@@ -11,14 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MAX_LINES = 80  # end_lineno - lineno of the def (decorators not counted)
 #: splits still pending (issue 20), in files other work was changing at the time; this list only
 #: shrinks: the test fails when an entry is short enough to leave it
-PENDING = {
-    "lora_zoo/build/recipe.py::validate",
-    "lora_zoo/build/runner.py::_build",
-    "lora_zoo/contrib/formats/kohya.py::from_state_dict",
-    "lora_zoo/zoo/croissant.py::croissant",
-    "builders/text_to_image/__init__.py::train",
-    "cards/render.py::card_context",
-}
+PENDING: set[str] = set()
 
 
 def _lengths() -> dict[str, int]:

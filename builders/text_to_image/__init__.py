@@ -138,8 +138,7 @@ class TextToImageBuilder:
         if not jobs:
             return []
         t0 = time.perf_counter()
-        cfg, pipe, index = self.config, self.pipe, self.index
-        data = cfg.data
+        cfg, pipe = self.config, self.pipe
         hps = [self._hp(j) for j in jobs]
         seeds = [_seeds(j) for j in jobs]
         specs = [
@@ -159,25 +158,7 @@ class TextToImageBuilder:
             self._mm.reset(specs)
         mm = self._mm
         sched = training_scheduler(pipe)
-        selections, streams, plans = [], [], []
-        for j, hp, sd in zip(jobs, hps, seeds):
-            items = index.select(
-                self._groups(j), size=hp["num_images"] or j.data.get("subset_size"), seed=sd["data"]
-            )
-            selections.append(items)
-            stats = self.latents.get(pipe, index, items, data.resolution, data.center_crop)
-            streams.append(
-                LoraStream(
-                    stats,
-                    seeds=sd,
-                    scaling_factor=pipe.vae.config.scaling_factor,
-                    num_train_timesteps=sched.config.num_train_timesteps,
-                )
-            )
-            text = _encode(pipe, [hp["prompt"]])  # (1, T, D)
-            plans.append(
-                StepPlan(rows=hp["grad_accum"] * hp["batch_size"], steps=hp["steps"], text=text)
-            )
+        selections, streams, plans = self._data_plans(jobs, hps, seeds, sched)
         thp = [
             TrainHParams(
                 lr=float(hp["lr"]),
@@ -217,6 +198,31 @@ class TextToImageBuilder:
             r.wall_time_s = wall / len(out)
         log.info("t2i chunk of %d: train %.1fs, total %.1fs", len(jobs), t_train, wall)
         return out
+
+    def _data_plans(self, jobs, hps, seeds, sched) -> tuple[list, list, list]:
+        """Per job: the images it trains on (drawn with its data seed), its latent stream and its
+        step plan (rows per step, steps, the encoded instance prompt)."""
+        pipe, index, data = self.pipe, self.index, self.config.data
+        selections, streams, plans = [], [], []
+        for j, hp, sd in zip(jobs, hps, seeds):
+            items = index.select(
+                self._groups(j), size=hp["num_images"] or j.data.get("subset_size"), seed=sd["data"]
+            )
+            selections.append(items)
+            stats = self.latents.get(pipe, index, items, data.resolution, data.center_crop)
+            streams.append(
+                LoraStream(
+                    stats,
+                    seeds=sd,
+                    scaling_factor=pipe.vae.config.scaling_factor,
+                    num_train_timesteps=sched.config.num_train_timesteps,
+                )
+            )
+            text = _encode(pipe, [hp["prompt"]])  # (1, T, D)
+            plans.append(
+                StepPlan(rows=hp["grad_accum"] * hp["batch_size"], steps=hp["steps"], text=text)
+            )
+        return selections, streams, plans
 
     def _result(self, k, job, hp, items, record, score, trainer) -> TrainedLora:
         cfg = self.config

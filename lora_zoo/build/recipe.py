@@ -477,10 +477,81 @@ def _dist(value: Any, where: str, file: str, problems: list[str]) -> _Dist | Non
         return None
 
 
-def validate(data: Mapping[str, Any], *, file: str = "<recipe>", text: str | None = None) -> Recipe:
-    """Validate a resolved recipe dict (no ``include``); every problem in one RecipeError."""
+def _validate_dists(
+    data: Mapping[str, Any], file: str, problems: list[str]
+) -> tuple[dict[str, _Dist], _Dist | None, _Dist | None]:
+    """``vary:`` and ``subset.count`` / ``subset.size``: every distribution parsed, errors kept."""
+    vary: dict[str, _Dist] = {}
+    raw_vary = data.get("vary") or {}
+    if isinstance(raw_vary, Mapping):
+        for k, v in raw_vary.items():
+            d = _dist(v, f"vary.{k}", file, problems)
+            if d is not None:
+                vary[str(k)] = d
+    found: dict[str, _Dist | None] = {"count": None, "size": None}
+    sub = data.get("subset")
+    if isinstance(sub, Mapping):
+        for key in found:
+            if sub.get(key) is not None:
+                found[key] = _dist(sub[key], f"subset.{key}", file, problems)
+    return vary, found["count"], found["size"]
+
+
+def _validate_id_format(data: Mapping[str, Any], file: str, problems: list[str]) -> None:
+    """``lora_id_format`` must give distinct ids of bounded length for every index."""
+    fmt = data.get("lora_id_format", DEFAULT_ID_FORMAT)
+    if not isinstance(fmt, str):
+        return
+    try:
+        a = fmt.format(name=data.get("name", "x"), index=0)
+        b = fmt.format(name=data.get("name", "x"), index=1)
+        if a == b:
+            problems.append(f"{file}: lora_id_format - must contain {{index}} (ids collide)")
+        n = data.get("num_loras")
+        last = fmt.format(name=data.get("name", "x"), index=n - 1 if isinstance(n, int) else 0)
+        if len(last) > MAX_ID_LEN:
+            problems.append(f"{file}: lora_id_format - ids of {len(last)} chars (cap {MAX_ID_LEN})")
+    except (KeyError, IndexError, ValueError) as e:
+        problems.append(
+            f"{file}: lora_id_format - bad format string ({e!r}); fields are {{name}} and {{index}}"
+        )
+
+
+def _validate_builder(
+    data: Mapping[str, Any], vary: Mapping[str, _Dist], file: str, problems: list[str]
+) -> tuple[Any, BaseModel | None]:
+    """The builder named by ``builder:``, its per-LoRA hyperparameters against ``vary:`` (with a
+    close-match hint) and its own ``Config`` over the builder-facing sections."""
     from lora_zoo.build.registry import get_builder
 
+    bname = data.get("builder")
+    if not isinstance(bname, str):
+        return None, None
+    try:
+        builder_cls = get_builder(bname)
+    except (BuilderNotFoundError, BuildError) as e:
+        problems.append(f"{file}: builder - {e.message}")
+        return None, None
+    known = known_hparams(builder_cls)
+    for k in vary if known is not None else ():
+        if k not in known:
+            close = difflib.get_close_matches(k, sorted(known), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            problems.append(
+                f"{file}: vary.{k} - builder {bname!r} has no per-LoRA "
+                f"hyperparameter {k!r}{hint} (known: {', '.join(sorted(known))})"
+            )
+    section_data = {s: data[s] for s in BUILDER_SECTIONS if data.get(s) is not None}
+    try:
+        return builder_cls, builder_cls.Config.model_validate(section_data)
+    except ValidationError as e:
+        problems += _problems(e, section_data, "", file)
+        return builder_cls, None
+
+
+def validate(data: Mapping[str, Any], *, file: str = "<recipe>", text: str | None = None) -> Recipe:
+    """Validate a resolved recipe dict (no ``include``); every problem in one RecipeError
+    (torchtune's rule: a user fixes a recipe in one pass, not one error per run)."""
     problems: list[str] = _bounds(data, file)  # before anything is copied or allocated
     if problems:
         raise RecipeError(problems, file=file)
@@ -492,66 +563,9 @@ def validate(data: Mapping[str, Any], *, file: str = "<recipe>", text: str | Non
         model = RecipeModel.model_validate(data)
     except ValidationError as e:
         problems += _problems(e, data, "", file)
-    vary: dict[str, _Dist] = {}
-    raw_vary = data.get("vary") or {}
-    if isinstance(raw_vary, Mapping):
-        for k, v in raw_vary.items():
-            d = _dist(v, f"vary.{k}", file, problems)
-            if d is not None:
-                vary[str(k)] = d
-    count = size = None
-    sub = data.get("subset")
-    if isinstance(sub, Mapping):
-        for key in ("count", "size"):
-            if sub.get(key) is None:
-                continue
-            d = _dist(sub[key], f"subset.{key}", file, problems)
-            if d is not None:
-                if key == "count":
-                    count = d
-                else:
-                    size = d
-    fmt = data.get("lora_id_format", DEFAULT_ID_FORMAT)
-    if isinstance(fmt, str):
-        try:
-            a = fmt.format(name=data.get("name", "x"), index=0)
-            b = fmt.format(name=data.get("name", "x"), index=1)
-            if a == b:
-                problems.append(f"{file}: lora_id_format - must contain {{index}} (ids collide)")
-            n = data.get("num_loras")
-            last = fmt.format(name=data.get("name", "x"), index=n - 1 if isinstance(n, int) else 0)
-            if len(last) > MAX_ID_LEN:
-                problems.append(
-                    f"{file}: lora_id_format - ids of {len(last)} chars (cap {MAX_ID_LEN})"
-                )
-        except (KeyError, IndexError, ValueError) as e:
-            problems.append(
-                f"{file}: lora_id_format - bad format string ({e!r}); "
-                "fields are {name} and {index}"
-            )
-    builder_cls = config = None
-    bname = data.get("builder")
-    if isinstance(bname, str):
-        try:
-            builder_cls = get_builder(bname)
-        except (BuilderNotFoundError, BuildError) as e:
-            problems.append(f"{file}: builder - {e.message}")
-    if builder_cls is not None:
-        known = known_hparams(builder_cls)
-        if known is not None:
-            for k in vary:
-                if k not in known:
-                    close = difflib.get_close_matches(k, sorted(known), n=1)
-                    hint = f"; did you mean {close[0]!r}?" if close else ""
-                    problems.append(
-                        f"{file}: vary.{k} - builder {bname!r} has no per-LoRA "
-                        f"hyperparameter {k!r}{hint} (known: {', '.join(sorted(known))})"
-                    )
-        section_data = {s: data[s] for s in BUILDER_SECTIONS if data.get(s) is not None}
-        try:
-            config = builder_cls.Config.model_validate(section_data)
-        except ValidationError as e:
-            problems += _problems(e, section_data, "", file)
+    vary, count, size = _validate_dists(data, file, problems)
+    _validate_id_format(data, file, problems)
+    builder_cls, config = _validate_builder(data, vary, file, problems)
     if problems:
         raise RecipeError(problems, file=file)
     assert model is not None and config is not None and builder_cls is not None

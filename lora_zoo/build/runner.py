@@ -306,6 +306,25 @@ def _local_fs(root: Path) -> tuple[Any, str]:
     return local_fs(root.resolve()), str(root.resolve())
 
 
+def _plan_passes(
+    recipe: Recipe,
+    k: int,
+    only_ids: Iterable[str] | None,
+    shard: tuple[int, int] | None,
+    limit: int | None,
+) -> tuple[list[Any], list[list[Any]], list[Any]]:
+    """(the jobs this build makes, the batched passes that train them, the jobs in pass order).
+    Passes always come from the full plan's fixed chunks (module docstring), so a partial or
+    sharded build trains each LoRA beside the same batch-mates as a full build."""
+    all_jobs = planlib.plan(recipe, only_ids=only_ids, limit=limit)
+    want = {j.index for j in all_jobs}
+    full = all_jobs if only_ids is None else planlib.plan(recipe, limit=limit)
+    train_chunks = shard_chunks(full, k, shard) if shard is not None else chunks(full, k)
+    train_chunks = [c for c in train_chunks if any(j.index in want for j in c)]
+    jobs = [j for c in train_chunks for j in c if j.index in want]
+    return all_jobs, train_chunks, jobs
+
+
 def _build(
     recipe: Recipe | str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -338,13 +357,7 @@ def _build(
     if k < 1:
         raise BuildError(f"k must be >= 1, got {k}", key="k")
     check_fits(recipe, k, device)  # before the plan downloads data or a pass runs out of memory
-    all_jobs = planlib.plan(recipe, only_ids=only_ids, limit=limit)  # what this build makes
-    want = {j.index for j in all_jobs}
-    # batched passes always come from the full plan's fixed chunks (see the module docstring)
-    full = all_jobs if only_ids is None else planlib.plan(recipe, limit=limit)
-    train_chunks = shard_chunks(full, k, shard) if shard is not None else chunks(full, k)
-    train_chunks = [c for c in train_chunks if any(j.index in want for j in c)]
-    jobs = [j for c in train_chunks for j in c if j.index in want]
+    all_jobs, train_chunks, jobs = _plan_passes(recipe, k, only_ids, shard, limit)
     wd = WorkDir(work_dir_for(out_dir, shard))
     wd.init(
         recipe,
@@ -370,14 +383,11 @@ def _build(
     )
     counts = {s: sum(st.state == s for st in states.values()) for s in (DONE, FAILED, PENDING)}
     failed = [
-        {
-            "lora_id": j.lora_id,
-            "reason": states[j.index].reason,
-            "failed_step": states[j.index].failed_step,
-        }
+        {"lora_id": j.lora_id, "reason": states[j.index].reason,
+         "failed_step": states[j.index].failed_step}
         for j in jobs
         if states[j.index].state == FAILED
-    ]
+    ]  # fmt: skip
     zoo = None
     if shard is None and pack_zoo and counts[PENDING] == 0 and _zoo_is_current(out_dir, wd, states):
         log.info("%s is complete and current: nothing to pack (the zoo is left as it is)", out_dir)

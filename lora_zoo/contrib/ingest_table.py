@@ -109,6 +109,33 @@ def _load_rows(p: Path) -> tuple[list[dict[str, Any]], bool]:
     raise MetadataTableError("table must be .csv, .json, .jsonl or .parquet", file=p)
 
 
+def _column_kind(rows: list[dict[str, Any]], c: str) -> str | None:
+    """The column's type by majority vote of its cells (ints and floats vote together as
+    numbers); None for a column with no values."""
+    kinds = Counter(_kind(r.get(c)) for r in rows if r.get(c) is not None)
+    if not kinds:
+        return None
+    numeric = kinds["int"] + kinds["float"]
+    others = Counter({k: n for k, n in kinds.items() if k not in ("int", "float")})
+    top = others.most_common(1)[0] if others else ("", 0)
+    if numeric and numeric >= top[1]:
+        return "float" if kinds["float"] else "int"
+    return top[0]
+
+
+def _clear_misfits(rows: list[dict[str, Any]], c: str, kind: str) -> list[dict[str, Any]]:
+    """Cells of column ``c`` that are not ``kind`` (or not finite) become None; one error each,
+    so a user sees every bad cell at once and keeps the rest of the table."""
+    errors = []
+    for i, r in enumerate(rows):
+        v = r.get(c)
+        bad = isinstance(v, float) and not math.isfinite(v)
+        if bad or (v is not None and not _fits(kind, v)):
+            errors.append({"row": i, "column": c, "value": repr(v), "expected": kind})
+            r[c] = None
+    return errors
+
+
 def read_table(path: str | os.PathLike[str]) -> MetadataTable:
     p = Path(path)
     rows, infer = _load_rows(p)
@@ -127,27 +154,10 @@ def read_table(path: str | os.PathLike[str]) -> MetadataTable:
     types: dict[str, str] = {}
     errors: list[dict[str, Any]] = []
     for c in cols:
-        if c == key:
-            continue
-        kinds = Counter(_kind(r.get(c)) for r in rows if r.get(c) is not None)
-        if not kinds:
-            continue
-        numeric = kinds["int"] + kinds["float"]
-        others = Counter({k: n for k, n in kinds.items() if k not in ("int", "float")})
-        top = others.most_common(1)[0] if others else ("", 0)
-        if numeric and numeric >= top[1]:  # ints and floats vote together as numbers
-            kind = "float" if kinds["float"] else "int"
-        else:
-            kind = top[0]
-        types[c] = kind
-        for i, r in enumerate(rows):
-            v = r.get(c)
-            if isinstance(v, float) and not math.isfinite(v):
-                errors.append({"row": i, "column": c, "value": repr(v), "expected": kind})
-                r[c] = None
-            elif v is not None and not _fits(kind, v):
-                errors.append({"row": i, "column": c, "value": repr(v), "expected": kind})
-                r[c] = None
+        kind = _column_kind(rows, c) if c != key else None
+        if kind is not None:
+            types[c] = kind
+            errors += _clear_misfits(rows, c, kind)
     by_key: dict[str, dict[str, Any]] = {}
     for i, r in enumerate(rows):
         k = r.get(key)

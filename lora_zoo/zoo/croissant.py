@@ -91,11 +91,8 @@ def _data_type(arrow_type: str) -> tuple[str, bool]:
     return "sc:Text", repeated  # string, binary (weights: described), anything nested
 
 
-def croissant(manifest: Mapping[str, Any], *, name: str, url: str = "") -> dict[str, Any]:
-    """The Croissant document of a zoo with this manifest (``name``: the zoo's name; ``url``:
-    where it is published, when known)."""
-    info = manifest.get("info") or {}
-    builder = info.get("builder") if isinstance(info.get("builder"), dict) else {}
+def _fields(manifest: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One ``cr:Field`` per manifest column, after the ``split`` field read from the shard path."""
     fields: list[dict[str, Any]] = [
         {
             "@type": "cr:Field",
@@ -131,6 +128,15 @@ def croissant(manifest: Mapping[str, Any], *, name: str, url: str = "") -> dict[
         if repeated:
             field["repeated"] = True
         fields.append(field)
+    return fields
+
+
+def croissant(manifest: Mapping[str, Any], *, name: str, url: str = "") -> dict[str, Any]:
+    """The Croissant document of a zoo with this manifest (``name``: the zoo's name; ``url``:
+    where it is published, when known)."""
+    info = manifest.get("info") or {}
+    builder = info.get("builder") if isinstance(info.get("builder"), dict) else {}
+    fields = _fields(manifest)
     n = manifest.get("num_rows", 0)
     splits = ", ".join(f"{s}: {sp['num_rows']}" for s, sp in (manifest.get("splits") or {}).items())
     prov = {

@@ -49,17 +49,10 @@ def sniff(keys: Iterable[str], path: str | os.PathLike[str] | None = None) -> bo
     return bool(ks) and all(k.startswith(_PREFIXES) for k in ks)
 
 
-def from_state_dict(
-    state: dict[str, torch.Tensor],
-    meta: dict[str, str] | None = None,
-    *,
-    file: str = "",
-    known_modules: Iterable[str] | None = None,
-    assume_alpha_equals_rank: bool = False,
-) -> LoraRecord:
-    meta = meta or {}
-    names: dict[str, str] = json.loads(meta[NAMES_KEY]) if NAMES_KEY in meta else {}
-    known = list(known_modules) if known_modules is not None else None
+def _group_keys(
+    state: dict[str, torch.Tensor], file: str
+) -> dict[str, dict[str, tuple[str, torch.Tensor]]]:
+    """kohya name -> {"A" | "B" | "alpha": (key, tensor)}; any other key is refused by name."""
     parts: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     for key, t in state.items():
         if any(v in key for v in _VARIANTS):
@@ -81,47 +74,38 @@ def from_state_dict(
                 key=key,
             )
         parts.setdefault(lora_name, {})[which] = (key, t)
-    modules: dict[str, LoraModule] = {}
-    for lora_name, p in parts.items():
-        if "A" not in p or "B" not in p:
-            have = (p.get("A") or p.get("B") or p["alpha"])[0]
-            missing = "lora_up" if "A" in p else "lora_down"
-            raise MissingPairError(f"no matching {missing} weight", file=file, key=have)
-        A, B = p["A"][1], p["B"][1]
-        r = int(A.shape[0])
-        if "alpha" in p:
-            at = p["alpha"][1]
-            if at.numel() != 1:
-                raise UnknownLayoutError(
-                    f"alpha must be a scalar, got shape {tuple(at.shape)}",
-                    file=file,
-                    key=p["alpha"][0],
-                )
-            alpha = float(at.float().item())
-            if not math.isfinite(alpha):
-                raise NonFiniteError("alpha is not finite", file=file, key=p["alpha"][0])
-        elif assume_alpha_equals_rank:
-            alpha = float(r)
-        else:
-            raise MissingAlphaError(
-                "kohya module has no .alpha (its scale is unknown; kohya's old default is "
-                "alpha = rank: pass --assume-alpha-equals-rank to accept that)",
-                file=file,
-                key=f"{lora_name}.alpha",
-            )
-        name = names.get(lora_name) or kohya_to_canonical(lora_name, known, file=file)
-        if name in modules:
+    return parts
+
+
+def _alpha(
+    lora_name: str, p: dict[str, tuple[str, torch.Tensor]], r: int, file: str, assume: bool
+) -> float:
+    """The module's alpha: its ``.alpha`` scalar, or r when the user accepts kohya's old default."""
+    if "alpha" in p:
+        at = p["alpha"][1]
+        if at.numel() != 1:
             raise UnknownLayoutError(
-                f"two kohya names map to module {name!r}", file=file, key=lora_name
+                f"alpha must be a scalar, got shape {tuple(at.shape)}", file=file, key=p["alpha"][0]
             )
-        modules[name] = module_from_factors(A, B, alpha)
-    modules = {
-        k: modules[k]
-        for k in sorted(modules, key=lambda n: (split_component(n)[0] != "unet", natural_key(n)))
-    }
+        alpha = float(at.float().item())
+        if not math.isfinite(alpha):
+            raise NonFiniteError("alpha is not finite", file=file, key=p["alpha"][0])
+        return alpha
+    if assume:
+        return float(r)
+    raise MissingAlphaError(
+        "kohya module has no .alpha (its scale is unknown; kohya's old default is "
+        "alpha = rank: pass --assume-alpha-equals-rank to accept that)",
+        file=file,
+        key=f"{lora_name}.alpha",
+    )
+
+
+def _restored(modules: dict[str, LoraModule], meta: dict[str, str]) -> LoraRecord:
+    """Our own export carries the original config: restore it (and alphas, e.g. rsLoRA's) when
+    it reproduces every rank and scale; otherwise the record gets a config derived from it."""
     rec = LoraRecord(modules, {})
-    if CONFIG_KEY in meta:  # our own export: restore the original config (and alphas, e.g.
-        # rsLoRA's) when it reproduces every rank and scale
+    if CONFIG_KEY in meta:
         cfg = json.loads(meta[CONFIG_KEY])
         fifo = bool(cfg.get("fan_in_fan_out", False))
         restored = {
@@ -132,6 +116,39 @@ def from_state_dict(
             rec = LoraRecord(restored, cfg)
     if not rec.config:
         rec.config = peft_config_for(rec)
+    return rec
+
+
+def from_state_dict(
+    state: dict[str, torch.Tensor],
+    meta: dict[str, str] | None = None,
+    *,
+    file: str = "",
+    known_modules: Iterable[str] | None = None,
+    assume_alpha_equals_rank: bool = False,
+) -> LoraRecord:
+    meta = meta or {}
+    names: dict[str, str] = json.loads(meta[NAMES_KEY]) if NAMES_KEY in meta else {}
+    known = list(known_modules) if known_modules is not None else None
+    modules: dict[str, LoraModule] = {}
+    for lora_name, p in _group_keys(state, file).items():
+        if "A" not in p or "B" not in p:
+            have = (p.get("A") or p.get("B") or p["alpha"])[0]
+            missing = "lora_up" if "A" in p else "lora_down"
+            raise MissingPairError(f"no matching {missing} weight", file=file, key=have)
+        A, B = p["A"][1], p["B"][1]
+        alpha = _alpha(lora_name, p, int(A.shape[0]), file, assume_alpha_equals_rank)
+        name = names.get(lora_name) or kohya_to_canonical(lora_name, known, file=file)
+        if name in modules:
+            raise UnknownLayoutError(
+                f"two kohya names map to module {name!r}", file=file, key=lora_name
+            )
+        modules[name] = module_from_factors(A, B, alpha)
+    modules = {
+        k: modules[k]
+        for k in sorted(modules, key=lambda n: (split_component(n)[0] != "unet", natural_key(n)))
+    }
+    rec = _restored(modules, meta)
     rec.validate(file=file)
     return rec
 
