@@ -10,7 +10,8 @@ So ``track`` picks by where stderr goes:
 - anything else: for an outer task (``nested=False``) one INFO line when an update lands at
   least ``every`` seconds after the last line (default 30 s), with count, rate and ETA, and one
   line at the end; for an inner loop (``nested=True``: the steps inside one chunk) nothing,
-  unless it runs long, then a heartbeat line every ``every`` seconds (default 60 s).
+  unless it runs long, then a heartbeat line every ``every`` seconds (default 300 s: the outer
+  task's line per chunk already carries the rate; this only shows a long chunk is alive).
 
 ``LORA_ZOO_PROGRESS=bar|log|off`` overrides the choice (tests use ``log`` to see the lines).
 """
@@ -66,7 +67,7 @@ class _LogProgress(Generic[T]):
         self.total = total if total is not None else _len(iterable)
         self.desc, self.unit, self.nested = desc, unit, nested
         self.n = self.start_n = initial
-        self.every = every if every is not None else (60.0 if nested else 30.0)
+        self.every = every if every is not None else (300.0 if nested else 30.0)
         self.t0 = self.last = time.monotonic()
         self.closed = False
 

@@ -38,7 +38,8 @@ DTYPES = {
 def build_from_config(
     architecture: str, config: dict[str, Any], vocab_size: int, seed: int
 ) -> torch.nn.Module:
-    """A randomly initialised model; the seed fixes the init so the cache key is meaningful."""
+    """A randomly initialised model; the seed fixes the init so the cache key is meaningful.
+    ``vocab_size`` is the tokenizer's; ``config["vocab_size"]``, when given, may be larger."""
     import transformers
 
     classes = {
@@ -53,7 +54,15 @@ def build_from_config(
         )
     cfg_cls, model_cls = (getattr(transformers, n) for n in classes[architecture])
     cfg = dict(config)
-    cfg["vocab_size"] = vocab_size
+    # a recipe may give the real model's vocabulary (Qwen2-0.5B: 151,936) so the embedding and
+    # the LM head have their real size and cost; rows past the tokenizer's ids are never used
+    given = cfg.get("vocab_size")
+    if given is not None and (not isinstance(given, int) or given < vocab_size):
+        raise BuildError(
+            f"vocab_size {given!r} is smaller than the tokenizer's {vocab_size}",
+            key="base_model.config.vocab_size",
+        )
+    cfg["vocab_size"] = given or vocab_size
     try:
         hf_cfg = cfg_cls(**cfg)
     except (TypeError, ValueError) as e:
