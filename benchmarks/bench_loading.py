@@ -242,6 +242,12 @@ def main(argv: list[str] | None = None) -> None:
     rows.append(  # like (a), which loads A and B as stored: no scale folded in
         ("(c') as (c) with fold_scale=False", timed(read_zoo("factors", fold_scale=False), 3))
     )
+    _report(args, modules, mb, rows, floors, t_write, t_verify)
+
+
+def _report(args, modules, mb: float, rows, floors, t_write: float, t_verify: float) -> None:
+    """The loading table (ratios against (a)), the targets line and the write/verify line."""
+    dev = args.device
     print(
         f"# bench_loading: {args.n} LoRAs {args.preset} ({len(modules)} modules, r=4, "
         f"{args.dtype}), {mb / args.n:.3f} MB/LoRA, device={dev}, "
@@ -265,6 +271,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     if args.skip_svd:
         return
+    _svd_report(args, dev)
+
+
+def _svd_report(args: argparse.Namespace, dev: str) -> None:
+    """Dense SVD vs QR + r x r SVD per LoRA, at the paper bases' module shapes."""
     print(
         f"\n{'per LoRA, ms':<52} {'dense sv':>9} {'dense svd':>9} {'QR sv':>8} {'QR can':>8}"
         f" {'sv gain':>8} {'can gain':>8}"
