@@ -122,6 +122,7 @@ class RecipeModel(_Strict):
     train: Any = None
     eval: Any = None
     builder_args: Any = None
+    poison: Any = None  # causal_lm backdoor zoos (builders/causal_lm/poison.py)
 
 
 @dataclass
