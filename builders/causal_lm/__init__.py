@@ -90,6 +90,18 @@ class CausalLMBuilder:
         return sorted({e.group for e in load_examples(cfg.data)})
 
     @classmethod
+    def check_vary(cls, config: CausalLMConfig, keys: Sequence[str]) -> list[tuple[str, str]]:
+        """(key, problem) for ``vary:`` keys the config cannot take: the poison hyperparameters
+        need a ``poison:`` section (recipe validation calls this, before anything trains)."""
+        if config.poison is not None:
+            return []
+        return [
+            (k, "a poison hyperparameter needs the recipe's poison: section")
+            for k in keys
+            if k in POISON_KEYS
+        ]
+
+    @classmethod
     def cost_model(cls, config: CausalLMConfig | dict[str, Any], **kw: Any) -> CostModel:
         """FLOPs and memory per LoRA from the config alone (``estimate.py``)."""
         from .estimate import cost_model
@@ -120,22 +132,7 @@ class CausalLMBuilder:
         trainer = MultiLoraTrainer(self._mm, [p["hp"] for p in plans])
         self._train_loop(trainer, plans)
         self._mm.eval()
-        ev = self.config.eval
-        scores = summarise(
-            self.eval_examples,
-            self.eval_rows,
-            score_rows(
-                self.model,
-                self.eval_rows,
-                len(jobs),
-                batch_size=ev.batch_size,
-                pad_id=self.tok.pad_id,
-                device=self.device,
-                desc="eval LoRAs",
-            ),
-            loss_on=self.config.train.loss_on,
-            per_group=ev.per_group,
-        )
+        scores = self._score_loras(len(jobs))
         records = self._mm.extract(
             [j.lora_id for j in jobs],
             base_model_name=self.base_name,
@@ -183,6 +180,25 @@ class CausalLMBuilder:
             else:
                 out.append(TrainedLora(job, records[k], meta, sc, wall_time_s=wall))
         return out
+
+    def _score_loras(self, k: int) -> list[dict[str, Any]]:
+        """The K trained LoRAs' held-out scores (loss, accuracy, per group), one batched eval."""
+        ev = self.config.eval
+        return summarise(
+            self.eval_examples,
+            self.eval_rows,
+            score_rows(
+                self.model,
+                self.eval_rows,
+                k,
+                batch_size=ev.batch_size,
+                pad_id=self.tok.pad_id,
+                device=self.device,
+                desc="eval LoRAs",
+            ),
+            loss_on=self.config.train.loss_on,
+            per_group=ev.per_group,
+        )
 
     # ---- setup ------------------------------------------------------------------------------
     def _setup(self) -> None:

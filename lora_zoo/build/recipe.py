@@ -553,6 +553,9 @@ def validate(data: Mapping[str, Any], *, file: str = "<recipe>", text: str | Non
             config = builder_cls.Config.model_validate(section_data)
         except ValidationError as e:
             problems += _problems(e, section_data, "", file)
+        check = getattr(builder_cls, "check_vary", None)  # cross-section rules of a builder
+        if config is not None and check is not None:
+            problems += [f"{file}: vary.{k} - {msg}" for k, msg in check(config, sorted(vary))]
     if problems:
         raise RecipeError(problems, file=file)
     assert model is not None and config is not None and builder_cls is not None
