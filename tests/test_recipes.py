@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from lora_zoo.build.api import BUILDER_SECTIONS
 from lora_zoo.build.plan import plan, resolve_groups
 from lora_zoo.build.recipe import load_recipe, load_recipe_text
 from lora_zoo.errors import LoraZooError
@@ -45,7 +46,7 @@ def test_recipe_validates_and_plans(path, monkeypatch):
         {
             k: v
             for k, v in r.resolved.items()
-            if k in ("base_model", "lora", "data", "train", "eval", "builder_args")
+            if k in BUILDER_SECTIONS
         }
     )
     # the resolved dict alone (what a zoo stores) gives the same recipe
