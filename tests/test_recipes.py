@@ -43,11 +43,7 @@ def test_recipe_validates_and_plans(path, monkeypatch):
     assert r.name and r.model.num_loras >= 1
     # the builder's own Config accepted the builder sections
     assert type(r.config).__name__ and r.config == r.builder_cls.Config.model_validate(
-        {
-            k: v
-            for k, v in r.resolved.items()
-            if k in BUILDER_SECTIONS
-        }
+        {k: v for k, v in r.resolved.items() if k in BUILDER_SECTIONS}
     )
     # the resolved dict alone (what a zoo stores) gives the same recipe
     again = load_recipe_text(yaml.safe_dump(r.resolved, sort_keys=False))
