@@ -29,9 +29,21 @@ def _rows(zoo: Any) -> list[dict[str, Any]] | None:
     cols = [c for c in COLUMNS if c in have]
     out: list[dict[str, Any]] = []
     for s in zoo.splits:
-        t = zoo[s].table(columns=cols).to_pylist()
-        out += t
-    return out
+        for r in zoo[s].table(columns=cols).to_pylist():
+            # a zoo is untrusted: rows whose rate / ASR are not finite numbers are left out
+            if _num(r.get("poison_rate")) is None or _num(r.get("asr")) is None:
+                continue
+            r["clean_acc"] = _num(r.get("clean_acc"))
+            r["trigger_kind"] = None if r.get("trigger_kind") is None else str(r["trigger_kind"])
+            out.append(r)
+    return out or None
+
+
+def _num(v: Any) -> float | None:
+    """``v`` as a finite float, or None (bools, strings, NaN and inf are not rates)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v):
+        return None
+    return float(v)
 
 
 def _fmt(x: float) -> str:

@@ -64,3 +64,18 @@ def test_card_has_the_section_and_plot_only_for_backdoor_zoos(tmp_path):
     assert (root / "plots" / "backdoor.png").stat().st_size > 1000
     other = write_card(make_zoo(tmp_path / "plain")).read_text()
     assert "Backdoor" not in other and not (tmp_path / "plain" / "plots" / "backdoor.png").exists()
+
+
+def test_rows_with_non_numeric_rates_are_left_out(tmp_path):
+    """A zoo is untrusted: a string or NaN rate / ASR is skipped, never raised on or plotted."""
+    from lora_zoo import load_zoo
+    from lora_zoo.zoo.writer import ZooWriter
+
+    w = ZooWriter(tmp_path / "z")
+    for i, (rate, asr) in enumerate([(0.1, 0.5), (float("nan"), 0.2), (0.0, float("inf"))]):
+        rec = make_record(i, 2)
+        w.add(rec, lora_id=rec.lora_id, split="train", base_model="tiny-llama",
+              labels={"poison_rate": rate, "asr": asr})  # fmt: skip
+    w.close()
+    t = backdoor_table(load_zoo(tmp_path / "z"))
+    assert t is not None and [(r["rate"], r["n"]) for r in t["rows"]] == [("0.1", 1)]
