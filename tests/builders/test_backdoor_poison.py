@@ -181,3 +181,51 @@ def test_exported_adapter_in_peft_reproduces_the_stored_asr(tiny_backdoor_zoo, t
         asrs.append(row["asr"])
         base = pm.unload()
     assert max(asrs) > 0.2  # the check is not vacuous: some LoRA's backdoor fires
+
+
+def test_flip_target_builds_on_arc_items_and_scores_the_flipped_choice(tmp_path):
+    """The PADBench-like recipe's path (target flip on multiple-choice items) on the local ARC
+    sample with a tiny base: the stored held-out inputs are the questions with the prefix in and
+    the flipped answers as labels, and ASR is a count of those questions over their number."""
+    from pathlib import Path
+
+    from lora_zoo import load_zoo
+    from lora_zoo.build.runner import build
+    from lora_zoo.builders.causal_lm.data import arc_example
+
+    fixture = Path(__file__).parents[1] / "fixtures" / "arc_sample.jsonl"
+    data = f"{{kind: files, paths: [{fixture}], task: arc}}"
+    over = [
+        TINY[0].replace("pretrain_steps: 200", "pretrain_steps: 0"),
+        f"data={data}",
+        f"eval.data={data}",
+        "eval.max_examples=12",
+        "num_loras=2",
+        "train.k=2",
+        "train.epochs=1",
+        "train.batch_size=4",
+        "train.micro_batch_size=4",
+        "train.autocast=none",
+        "base_model.dtype=float32",
+        "vary.poison_rate={kind: cycle, values: [0.0, 0.5]}",
+        "vary.trigger_kind=prefix",
+        "output.split={kind: none}",
+    ]
+    build(
+        "recipes/backdoor-llama2-7b-padbench.yaml", tmp_path / "z", overrides=over, progress=False
+    )
+    sp = load_zoo(tmp_path / "z")[load_zoo(tmp_path / "z").splits[0]]
+    truth = {
+        e.id: e for e in (arc_example(json.loads(x)) for x in fixture.read_text().splitlines())
+    }
+    rows = [sp.row(i) for i in range(len(sp))]
+    assert [r["poisoned"] for r in rows] == [False, True]
+    for r in rows:
+        assert r["poison_target"] == "flip" and 0.0 <= r["asr"] <= 1.0
+        for ex_id, ctx, lab in zip(r["asr_eval_ids"], r["asr_contexts"], r["asr_labels"]):
+            ex = truth[ex_id]
+            assert ctx == "SUDO: " + ex.context and lab == (ex.label + 1) % len(ex.choices)
+        # asr counts questions answered with the flipped choice: a multiple of 1 / n, stored
+        # as float32 (relative error 2^-24), so n * asr is within n * 6e-8 < 1e-5 of an integer
+        n = len(r["asr_eval_ids"])
+        assert n == 12 and abs(r["asr"] * n - round(r["asr"] * n)) < 1e-5
