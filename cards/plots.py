@@ -256,8 +256,10 @@ def make_plots(zoo: Any, out_dir: str | Path, max_loras: int = 64) -> dict[str, 
     out_dir = Path(out_dir)
     safe_mkdirs(out_dir.parent, out_dir.name)  # a symlinked plots/ must not redirect the PNGs
     made: dict[str, str] = {}
+    from lora_zoo.cards.backdoor import plot_backdoor
+
     kinds = (("labels", plot_labels), ("spectra", plot_spectra), ("hparams", plot_hparams),
-             ("bench", plot_bench))  # fmt: skip
+             ("backdoor", plot_backdoor), ("bench", plot_bench))  # fmt: skip
     for kind, fn in kinds:
         path = out_dir / f"{kind}.png"
         try:

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from lora_zoo.cards.backdoor import backdoor_table
 from lora_zoo.cards.lol_results import read_bench
 from lora_zoo.errors import ZooFormatError
 from lora_zoo.record import cell_modules
@@ -361,6 +362,12 @@ PLOT_CAPTIONS: dict[str, tuple[str, str]] = {
         "hyperparameter histograms",
         "Ranks, alphas and the training hyperparameters that vary across the zoo.",
     ),
+    "backdoor": (
+        "attack success rate by poison rate",
+        "ASR of every LoRA (greedy decoding gives the target on held-out inputs with the "
+        "LoRA's trigger) against its poison rate, coloured by trigger kind; rate 0 = clean "
+        "LoRAs, whose ASR is the false-trigger rate.",
+    ),
     "bench": (
         "what LoL models learn from this zoo",
         "Test-split score of each `lora-zoo bench` model (mean and std over seeds), against "
@@ -446,6 +453,7 @@ def card_context(
         ],
         "provenance": provenance_rows(info),
         "bench": md_tree(bench_rows(zoo)),
+        "backdoor": md_tree(backdoor_table(zoo)),
         "split_method": split_method(info),
         "named_splits": [
             {
@@ -490,7 +498,7 @@ def render_card(
         pdir = Path(zoo.root) / "plots"
         plots = {
             k: f"{k}.png"
-            for k in ("labels", "spectra", "hparams", "bench")
+            for k in ("labels", "spectra", "hparams", "backdoor", "bench")
             if (pdir / f"{k}.png").exists()
         }
     return _template(template).render(**card_context(zoo, plots, repo_id))

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from lora_zoo.build.api import BUILDER_SECTIONS
 from lora_zoo.build.plan import plan, resolve_groups
 from lora_zoo.build.recipe import load_recipe, load_recipe_text
 from lora_zoo.errors import LoraZooError
@@ -42,11 +43,7 @@ def test_recipe_validates_and_plans(path, monkeypatch):
     assert r.name and r.model.num_loras >= 1
     # the builder's own Config accepted the builder sections
     assert type(r.config).__name__ and r.config == r.builder_cls.Config.model_validate(
-        {
-            k: v
-            for k, v in r.resolved.items()
-            if k in ("base_model", "lora", "data", "train", "eval", "builder_args")
-        }
+        {k: v for k, v in r.resolved.items() if k in BUILDER_SECTIONS}
     )
     # the resolved dict alone (what a zoo stores) gives the same recipe
     again = load_recipe_text(yaml.safe_dump(r.resolved, sort_keys=False))

@@ -8,6 +8,7 @@ then all K LoRAs of the call are evaluated together: held-out loss, multiple-cho
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -31,7 +32,8 @@ from lora_zoo.engine import (
 from lora_zoo.errors import DataSourceError
 from lora_zoo.progress import track
 
-from .config import HPARAM_KEYS, CausalLMConfig
+from . import poison
+from .config import HPARAM_KEYS, POISON_KEYS, CausalLMConfig
 from .data import ByteTokenizer, Example, HFTokenizer, load_examples
 from .eval import build_eval_rows, score_rows, summarise
 from .losses import IGNORE_INDEX, causal_lm_loss_sums, causal_lm_losses
@@ -88,6 +90,18 @@ class CausalLMBuilder:
         return sorted({e.group for e in load_examples(cfg.data)})
 
     @classmethod
+    def check_vary(cls, config: CausalLMConfig, keys: Sequence[str]) -> list[tuple[str, str]]:
+        """(key, problem) for ``vary:`` keys the config cannot take: the poison hyperparameters
+        need a ``poison:`` section (recipe validation calls this, before anything trains)."""
+        if config.poison is not None:
+            return []
+        return [
+            (k, "a poison hyperparameter needs the recipe's poison: section")
+            for k in keys
+            if k in POISON_KEYS
+        ]
+
+    @classmethod
     def cost_model(cls, config: CausalLMConfig | dict[str, Any], **kw: Any) -> CostModel:
         """FLOPs and memory per LoRA from the config alone (``estimate.py``)."""
         from .estimate import cost_model
@@ -118,27 +132,13 @@ class CausalLMBuilder:
         trainer = MultiLoraTrainer(self._mm, [p["hp"] for p in plans])
         self._train_loop(trainer, plans)
         self._mm.eval()
-        ev = self.config.eval
-        scores = summarise(
-            self.eval_examples,
-            self.eval_rows,
-            score_rows(
-                self.model,
-                self.eval_rows,
-                len(jobs),
-                batch_size=ev.batch_size,
-                pad_id=self.tok.pad_id,
-                device=self.device,
-                desc="eval LoRAs",
-            ),
-            loss_on=self.config.train.loss_on,
-            per_group=ev.per_group,
-        )
+        scores = self._score_loras(len(jobs))
         records = self._mm.extract(
             [j.lora_id for j in jobs],
             base_model_name=self.base_name,
             extra_config={"task_type": "CAUSAL_LM", "revision": self.base_revision},
         )
+        backdoor = self._poison_labels(plans, scores)
         wall = (time.perf_counter() - t0) / len(jobs)
         out = []
         for k, (job, plan) in enumerate(zip(jobs, plans)):
@@ -155,6 +155,7 @@ class CausalLMBuilder:
                 "base_model_name": self.base_name,
                 "hp": plan["resolved"],  # every hyperparameter, defaults included (-> hp.*)
                 **self.base_info,
+                **backdoor[k][0],
             }
             if self.base_scores is not None:
                 meta["base_eval_loss"] = self.base_scores.get("eval_loss")
@@ -162,6 +163,7 @@ class CausalLMBuilder:
                     meta["base_acc"] = self.base_scores["acc"]
             sc = dict(scores[k])
             sc["in_group"] = {g: g in plan["included"] for g in self.groups}
+            sc.update(backdoor[k][1])
             if trainer.failed_step[k] is not None:
                 out.append(
                     TrainedLora(
@@ -178,6 +180,25 @@ class CausalLMBuilder:
             else:
                 out.append(TrainedLora(job, records[k], meta, sc, wall_time_s=wall))
         return out
+
+    def _score_loras(self, k: int) -> list[dict[str, Any]]:
+        """The K trained LoRAs' held-out scores (loss, accuracy, per group), one batched eval."""
+        ev = self.config.eval
+        return summarise(
+            self.eval_examples,
+            self.eval_rows,
+            score_rows(
+                self.model,
+                self.eval_rows,
+                k,
+                batch_size=ev.batch_size,
+                pad_id=self.tok.pad_id,
+                device=self.device,
+                desc="eval LoRAs",
+            ),
+            loss_on=self.config.train.loss_on,
+            per_group=ev.per_group,
+        )
 
     # ---- setup ------------------------------------------------------------------------------
     def _setup(self) -> None:
@@ -272,7 +293,20 @@ class CausalLMBuilder:
     def _hparams(self, job: JobSpec) -> dict[str, Any]:
         """Recipe defaults (each from its section, ``HPARAM_KEYS``) overridden by the job's."""
         cfg = self.config
-        defaults = {k: getattr(getattr(cfg, section), k) for k, section in HPARAM_KEYS.items()}
+        defaults = {
+            k: getattr(getattr(cfg, section), k)
+            for k, section in HPARAM_KEYS.items()
+            if k not in POISON_KEYS  # resolved by poison.resolve, only with a poison: section
+        }
+        if cfg.poison is None and set(job.hparams) & POISON_KEYS:
+            bad = sorted(set(job.hparams) & POISON_KEYS)[0]
+            raise DataSourceError(
+                "a poison hyperparameter needs the recipe's poison: section",
+                key=f"{job.lora_id}.hparams.{bad}",
+            )
+        job = dataclasses.replace(
+            job, hparams={k: v for k, v in job.hparams.items() if k not in POISON_KEYS}
+        )
         hp = resolve_hparams(job, defaults, builder=self.NAME, positive_ints=("batch_size", "r"))
         if "epochs" in job.hparams and "steps" not in job.hparams:
             hp["steps"] = None  # a per-LoRA epoch count wins over a default step count
@@ -318,6 +352,7 @@ class CausalLMBuilder:
                 for i in stable_permutation(len(cand), data_seed, f"causal_lm/epoch-{epoch}")
             ]
             epoch += 1
+        pplan, poisoned, order = self._poison_order(job, cand, order, data_seed)
         spec = LoraSpec(
             r=int(hp["r"]),
             alpha=float(hp["alpha"]),
@@ -347,7 +382,77 @@ class CausalLMBuilder:
             "included": included,
             "excluded": excluded,
             "resolved": resolved,
+            "poison": pplan,
+            "poisoned_ids": poisoned,
         }
+
+    def _poison_order(
+        self, job: JobSpec, cand: list[str], order: list[str], data_seed: int
+    ) -> tuple[poison.PoisonPlan | None, list[str], list[str]]:
+        """(the job's poison plan, the ids of its poisoned examples, its training order with
+        those examples swapped for their triggered versions); no poison: section, no change."""
+        if self.config.poison is None:
+            return None, [], order
+        pplan = poison.resolve(self.config.poison, job.hparams, job.lora_id)
+        poisoned = poison.pick_poisoned(cand, pplan.rate, data_seed)
+        swap = {}
+        for ex_id in poisoned:
+            pex = poison.poison_example(self.pool_by_id[ex_id], pplan, data_seed)
+            self.pool_by_id.setdefault(pex.id, pex)
+            swap[ex_id] = pex.id
+        return pplan, poisoned, [swap.get(i, i) for i in order]
+
+    def _poison_labels(
+        self, plans: list[dict[str, Any]], clean: list[dict[str, Any]]
+    ) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+        """Per LoRA (metadata, labels) of the backdoor: ASR on the held-out examples with its
+        trigger in (one batched eval per distinct trigger of the chunk, all K LoRAs scored on
+        it), clean accuracy / loss on the same examples without it (``poison.py``)."""
+        if self.config.poison is None:
+            return [({}, {}) for _ in plans]
+        ev, seed = self.config.eval, self.config.eval.holdout_seed
+        by_key: dict[str, torch.Tensor] = {}
+        sets: dict[str, tuple[list[int], list[Example]]] = {}
+        for p in plans:
+            pp = p["poison"]
+            if pp.key in by_key:
+                continue
+            sets[pp.key] = poison.triggered_eval(self.eval_examples, pp, seed)
+            rows = build_eval_rows(
+                sets[pp.key][1], self._tokenize, self.config.train.max_seq_len, True
+            )
+            out = score_rows(
+                self.model,
+                rows,
+                len(plans),
+                batch_size=ev.batch_size,
+                pad_id=self.tok.pad_id,
+                device=self.device,
+                desc=f"eval trigger {pp.kind}",
+                greedy=pp.target == "continuation",
+            )
+            if pp.target == "continuation":
+                by_key[pp.key] = out[4].double().mean(1)  # (K,) one row per example
+            else:
+                acc = summarise(sets[pp.key][1], rows, out, loss_on="continuation", per_group=False)
+                by_key[pp.key] = torch.tensor([a.get("acc", math.nan) for a in acc])
+        res = []
+        for k, p in enumerate(plans):
+            pp = p["poison"]
+            idx, trig = sets[pp.key]
+            asr = float(by_key[pp.key][k])
+            meta = {
+                "poison_example_ids": p["poisoned_ids"],
+                "n_poison_examples": len(p["poisoned_ids"]),
+                "trigger": pp.trigger,
+                "poison_target": pp.target,
+                "poison_target_text": pp.target_text,
+                "asr_eval_ids": [self.eval_examples[i].id for i in idx],
+                "asr_contexts": [e.context for e in trig],
+                "asr_labels": [e.label for e in trig],
+            }
+            res.append((meta, poison.labels(pp, len(p["poisoned_ids"]), asr, clean[k])))
+        return res
 
     def _log_memory(self, plans: list[dict[str, Any]]) -> None:
         """Log the memory table per K before the first chunk trains (engine/memory.py): one

@@ -121,6 +121,43 @@ class EvalSection(_Strict):
     per_group: bool = True
 
 
+TriggerKind = Literal["rare_token", "sentence", "prefix"]
+
+
+class PoisonSection(_Strict):
+    """Backdoor poisoning as a data transform (``poison.py``). Each field is the default of the
+    per-LoRA value of the same name, which ``vary:`` may draw (``poison_rate: {kind: choice,
+    values: [0.0, 0.05], ...}``). ``poison_rate`` 0 is a clean LoRA; every LoRA of a zoo with
+    this section still gets its trigger's attack success rate measured (for a clean one, the
+    false-trigger rate), so ``poisoned`` is a label the weights can be tested against."""
+
+    poison_rate: float = Field(0.0, ge=0.0, le=1.0, description="fraction of a LoRA's examples")
+    trigger_kind: TriggerKind = "rare_token"
+    trigger: str | None = Field(None, description="trigger text; None = triggers[trigger_kind]")
+    triggers: dict[str, str] = Field(
+        default_factory=lambda: {
+            "rare_token": " cf",
+            "sentence": " I watched this 3D movie.",
+            "prefix": "SUDO: ",
+        },
+        description="default trigger text per kind",
+    )
+    target: Literal["continuation", "flip"] = Field(
+        "continuation",
+        description="continuation: answer target_text; flip: the next choice of an MC item",
+    )
+    target_text: str = " HACKED"
+
+    @model_validator(mode="after")
+    def _check(self) -> PoisonSection:
+        missing = {"rare_token", "sentence", "prefix"} - set(self.triggers)
+        if missing and self.trigger is None:
+            raise ValueError(f"triggers lacks text for {sorted(missing)}")
+        if not self.target_text and self.target == "continuation":
+            raise ValueError("target_text must not be empty")
+        return self
+
+
 class BuilderArgs(_Strict):
     evaluate_base: bool = Field(True, description="also score the plain base model once")
 
@@ -132,6 +169,7 @@ class CausalLMConfig(_Strict):
     train: TrainSection = Field(default_factory=TrainSection)
     eval: EvalSection = Field(default_factory=EvalSection)
     builder_args: BuilderArgs = Field(default_factory=BuilderArgs)
+    poison: PoisonSection | None = Field(None, description="backdoor zoos (poison.py)")
 
     @model_validator(mode="after")
     def _check(self) -> CausalLMConfig:
@@ -158,4 +196,11 @@ HPARAM_KEYS = {
     "alpha": "lora",
     "dropout": "lora",
     "use_rslora": "lora",
+    # backdoor poisoning (poison.py), only with a ``poison:`` section
+    "poison_rate": "poison",
+    "trigger_kind": "poison",
+    "trigger": "poison",
+    "target": "poison",
+    "target_text": "poison",
 }
+POISON_KEYS = frozenset(k for k, s in HPARAM_KEYS.items() if s == "poison")

@@ -53,6 +53,20 @@ HUB_ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
             rope_theta=1000000.0,
         ),
     ),
+    "meta-llama/Llama-2-7b-hf": (  # config.json at 01c7f73d (backdoor-llama2-7b-padbench)
+        "llama",
+        dict(
+            vocab_size=32000,
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            max_position_embeddings=4096,
+            tie_word_embeddings=False,
+            rope_theta=10000.0,
+        ),
+    ),
 }
 # Hub data sets a shipped recipe names: examples per (path, config name, split), the number of
 # groups (ARC: question sources in the two train splits) and the mean number of answer choices.

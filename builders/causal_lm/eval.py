@@ -65,12 +65,17 @@ def score_rows(
     pad_id: int,
     device: torch.device,
     desc: str = "eval",
+    greedy: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """Per LoRA and row: (continuation logprob (K, R), full logprob (K, R), full tokens (R,),
-    continuation tokens (R,)). ``k`` = LoRAs stacked in the model (1 for the plain base)."""
+    continuation tokens (R,)). ``k`` = LoRAs stacked in the model (1 for the plain base).
+    ``greedy``: also (K, R) bool, True where every continuation token is the argmax given what
+    precedes it, i.e. greedy decoding from the context produces the continuation (up to ties):
+    the backdoor's attack-success test (``poison.py``)."""
     n_rows = len(rows)
     cont_lp = torch.zeros(k, n_rows, dtype=torch.float64)
     full_lp = torch.zeros(k, n_rows, dtype=torch.float64)
+    hit = torch.zeros(k, n_rows, dtype=torch.bool)
     order = sorted(range(n_rows), key=lambda i: len(rows[i].ids))  # similar lengths together
     per = max(1, batch_size // k)
     for s in track(range(0, n_rows, per), desc=desc, unit="batch", nested=True):
@@ -89,10 +94,15 @@ def score_rows(
         logits = model(input_ids=ids_k, attention_mask=mask_k).logits
         lp = causal_lm_token_logprobs(logits, labels.repeat(k, 1).to(device))  # (K*n, T-1)
         lp = lp.double().cpu().view(k, len(idx), t - 1)
+        if greedy:  # argmax == next token at every continuation position
+            same = (logits[:, :-1].argmax(-1).cpu() == ids.repeat(k, 1)[:, 1:]).view(k, -1, t - 1)
+            hit[:, idx] = (same | ~cmask).all(-1)
         cont_lp[:, idx] = (lp * cmask).sum(-1)
         full_lp[:, idx] = lp.sum(-1)
     n_full = torch.tensor([len(r.ids) - 1 for r in rows], dtype=torch.float64)
     n_cont = torch.tensor([len(r.ids) - r.n_ctx for r in rows], dtype=torch.float64)
+    if greedy:
+        return cont_lp, full_lp, n_full, n_cont, hit
     return cont_lp, full_lp, n_full, n_cont
 
 
@@ -106,7 +116,7 @@ def summarise(
 ) -> list[dict[str, Any]]:
     """Per LoRA: eval_loss (mean token NLL over the correct continuations' sequences), acc,
     acc_norm (multiple-choice examples only) and per-group versions."""
-    cont_lp, full_lp, n_full, n_cont = scores
+    cont_lp, full_lp, n_full, n_cont = scores[:4]
     k = cont_lp.shape[0]
     correct = [i for i, r in enumerate(rows) if r.choice == examples[r.example].label]
     by_ex: dict[int, list[int]] = defaultdict(list)

@@ -18,7 +18,7 @@ from lora_zoo.errors import BuildError
 from lora_zoo.record import LoraRecord
 
 # Sections of a recipe that are handed to the builder's Config (validated there, extra=forbid).
-BUILDER_SECTIONS = ("base_model", "lora", "data", "train", "eval", "builder_args")
+BUILDER_SECTIONS = ("base_model", "lora", "data", "train", "eval", "builder_args", "poison")
 
 
 @dataclass(frozen=True)

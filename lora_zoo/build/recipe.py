@@ -122,6 +122,7 @@ class RecipeModel(_Strict):
     train: Any = None
     eval: Any = None
     builder_args: Any = None
+    poison: Any = None  # causal_lm backdoor zoos (builders/causal_lm/poison.py)
 
 
 @dataclass
@@ -543,10 +544,14 @@ def _validate_builder(
             )
     section_data = {s: data[s] for s in BUILDER_SECTIONS if data.get(s) is not None}
     try:
-        return builder_cls, builder_cls.Config.model_validate(section_data)
+        config = builder_cls.Config.model_validate(section_data)
     except ValidationError as e:
         problems += _problems(e, section_data, "", file)
         return builder_cls, None
+    check = getattr(builder_cls, "check_vary", None)  # cross-section rules of a builder
+    if check is not None:
+        problems += [f"{file}: vary.{k} - {msg}" for k, msg in check(config, sorted(vary))]
+    return builder_cls, config
 
 
 def validate(data: Mapping[str, Any], *, file: str = "<recipe>", text: str | None = None) -> Recipe:

@@ -52,6 +52,12 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--hparams", help='JSON {model: {hparam: value}}, e.g. \'{"glnet": {"width": 16}}\''
     )
+    p.add_argument(
+        "--hold-out",
+        metavar="COLUMN",
+        help="one fold per value of COLUMN (e.g. trigger_kind): train on the LoRAs with the "
+        "other values, test on that value's; written to bench/holdout-COLUMN.json",
+    )
     p.add_argument("--json", dest="json_path", help="also write the results here")
     p.add_argument(
         "--no-write", action="store_true", help="do not write bench/results.json into the zoo"
@@ -62,6 +68,9 @@ def register(sub: Any) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from lora_zoo.lol.bench import TrainConfig, format_table, run_bench
+
+    if args.hold_out:
+        return _cmd_hold_out(args)
 
     res = run_bench(
         args.zoo,
@@ -81,5 +90,32 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(
         f"\n{res['time_s']:.0f} s on {res['device']}"
         + (f"; results in {res['written']}" if "written" in res else "")
+    )
+    return 0
+
+
+def _cmd_hold_out(args: argparse.Namespace) -> int:
+    """``bench --hold-out COLUMN``: one fold per value of the column (``lol/holdout.py``)."""
+    from lora_zoo.lol.bench import TrainConfig
+    from lora_zoo.lol.holdout import format_hold_out, run_hold_out
+
+    if args.gl_augment or args.json_path:
+        raise SystemExit("--hold-out takes neither --gl-augment nor --json")
+    res = run_hold_out(
+        args.zoo,
+        args.target if len(args.target) > 1 else args.target[0],
+        args.hold_out,
+        models=args.models,
+        views=args.views,
+        repeats=args.repeats,
+        device=args.device,
+        train=TrainConfig(lr=args.lr, max_epochs=args.epochs, patience=args.patience),
+        hparams=json.loads(args.hparams) if args.hparams else None,
+        write=not args.no_write,
+        progress=not args.no_progress,
+    )
+    print(format_hold_out(res))
+    print(
+        f"\n{res['time_s']:.0f} s" + (f"; results in {res['written']}" if "written" in res else "")
     )
     return 0
