@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from lora_zoo.errors import ShapeMismatchError
+from lora_zoo.errors import ShapeMismatchError, UnsupportedVariantError
 from lora_zoo.record import LoraModule, LoraRecord, pattern_key, peft_rank_alpha_scale
 
 _REL = 1e-6
@@ -109,7 +109,22 @@ def peft_config_for(
     if not _targets_cover(cfg.get("target_modules"), names):
         cfg["target_modules"] = sorted(names)
     cfg["fan_in_fan_out"] = any(m.fan_in_fan_out for m in record.modules.values())
+    if record.is_dora or "use_dora" in cfg:  # the magnitudes decide, not a stale config flag
+        cfg["use_dora"] = record.is_dora
     return cfg
+
+
+def refuse_dora(record: LoraRecord, fmt: str, *, file: Any = None) -> None:
+    """Formats without a DoRA layout PEFT reads back exactly must not drop the magnitudes
+    silently (the adapter would load as a different plain LoRA)."""
+    dora = [n for n, m in record.modules.items() if m.is_dora]
+    if dora:
+        raise UnsupportedVariantError(
+            f"DoRA adapter ({len(dora)} module(s) carry a magnitude vector): the {fmt} writer has "
+            "no DoRA layout PEFT loads back exactly; export it with --format peft",
+            file=file,
+            key=dora[0],
+        )
 
 
 def delta_shape(m: LoraModule) -> tuple[int, ...]:

@@ -25,7 +25,12 @@ import torch
 from safetensors.torch import save as st_save
 
 from lora_zoo._io import natural_key
-from lora_zoo.contrib.formats.common import config_reproduces, module_from_factors, peft_config_for
+from lora_zoo.contrib.formats.common import (
+    config_reproduces,
+    module_from_factors,
+    peft_config_for,
+    refuse_dora,
+)
 from lora_zoo.contrib.formats.files import read_tensor_file
 from lora_zoo.contrib.formats.naming import UNET, canonical, old_diffusers_path, split_component
 from lora_zoo.contrib.formats.registry import AdapterFormat, register_format
@@ -180,6 +185,7 @@ def read(
 
 
 def to_state_dict(record: LoraRecord) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    refuse_dora(record, "diffusers", file=record.lora_id)
     by_comp: dict[str, dict[str, LoraModule]] = {}
     for name, m in record.modules.items():
         comp, path = split_component(name)

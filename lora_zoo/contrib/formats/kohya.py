@@ -21,7 +21,12 @@ import torch
 from safetensors.torch import save as st_save
 
 from lora_zoo._io import natural_key
-from lora_zoo.contrib.formats.common import config_reproduces, module_from_factors, peft_config_for
+from lora_zoo.contrib.formats.common import (
+    config_reproduces,
+    module_from_factors,
+    peft_config_for,
+    refuse_dora,
+)
 from lora_zoo.contrib.formats.files import read_tensor_file
 from lora_zoo.contrib.formats.naming import kohya_name, kohya_to_canonical, split_component
 from lora_zoo.contrib.formats.registry import AdapterFormat, register_format
@@ -159,6 +164,7 @@ def read(
 def to_state_dict(record: LoraRecord) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """kohya has no rsLoRA: the stored alpha is scale * rank, which equals the original alpha
     for plain LoRA and keeps the weights exact otherwise."""
+    refuse_dora(record, "kohya", file=record.lora_id)
     state: dict[str, torch.Tensor] = {}
     names: dict[str, str] = {}
     for name, m in record.modules.items():
