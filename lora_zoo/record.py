@@ -42,6 +42,17 @@ _UNSUPPORTED_CONFIG = {
     "trainable_token_indices": (None, {}, []),
 }
 
+# PEFT adapter types that are not LoRA, named for the refusal message
+_PEFT_TYPES = {
+    "LOHA": "LyCORIS LoHa, a Hadamard product of two low-rank pairs",
+    "LOKR": "LyCORIS LoKr, a Kronecker product",
+    "ADALORA": "AdaLoRA, an SVD-parameterised LoRA with a rank budget",
+    "IA3": "IA3, learned activation scalings",
+    "OFT": "OFT, orthogonal finetuning",
+    "BOFT": "BOFT, butterfly orthogonal finetuning",
+    "VERA": "VeRA, shared random factors with trained scalings",
+}
+
 CONFIG_META = "lora_zoo.config"  # header key: the adapter config, embedded for loose files
 FIFO_META = "lora_zoo.fan_in_fan_out_modules"  # header key: Conv1D-style modules of a mixed adapter
 
@@ -86,14 +97,22 @@ def check_supported_config(config: Mapping[str, Any], *, file: str | None = None
         val = config.get(key)
         if val not in defaults:
             raise UnsupportedVariantError(
-                f"adapter uses {key}={val!r}; lora-zoo stores plain LoRA factors only "
+                f"adapter uses {key}={val!r}; lora-zoo stores LoRA factors (plain, rsLoRA, DoRA) only "
                 "(merge or drop that feature before ingesting)",
                 file=file,
                 key=key,
             )
     pt = config.get("peft_type", "LORA")
     if pt not in (None, "LORA"):
-        raise UnsupportedVariantError(f"peft_type {pt!r} is not LoRA", file=file, key="peft_type")
+        what = _PEFT_TYPES.get(str(pt), "not LoRA")
+        raise UnsupportedVariantError(
+            f"peft_type {pt!r} ({what}) is not stored: lora-zoo stores LoRA factors (plain, "
+            "rsLoRA, DoRA) only (docs/FORMAT.md, 'LyCORIS and other variants'); merge the adapter "
+            "into its base model (merge_and_unload) and extract a plain LoRA of the rank you "
+            "choose from the weight difference, then ingest that",
+            file=file,
+            key="peft_type",
+        )
 
 
 @dataclass

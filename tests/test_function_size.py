@@ -14,7 +14,6 @@ MAX_LINES = 80  # end_lineno - lineno of the def (decorators not counted)
 PENDING = {
     "lora_zoo/build/recipe.py::validate",
     "lora_zoo/build/runner.py::_build",
-    "lora_zoo/contrib/formats/kohya.py::from_state_dict",
     "lora_zoo/zoo/croissant.py::croissant",
     "builders/text_to_image/__init__.py::train",
     "cards/render.py::card_context",

@@ -31,7 +31,7 @@ from lora_zoo.errors import (
     reading,
 )
 from lora_zoo.load.threads import single_threaded
-from lora_zoo.record import PEFT_KEY_RE, cell_config, peft_rank_alpha_scale
+from lora_zoo.record import DORA_KEY_RE, PEFT_KEY_RE, cell_config, peft_rank_alpha_scale
 from lora_zoo.weights import MAX_HEADER_BYTES, parse_header
 
 logger = logging.getLogger(__name__)
@@ -347,6 +347,8 @@ def _plan(
     pairs: dict[str, dict[str, _Spec]] = {}
     for spec in specs:
         m = PEFT_KEY_RE.match(spec[0])
+        if m is None and DORA_KEY_RE.match(spec[0]):
+            continue  # a DoRA magnitude: not a factor (the views read B and A; FORMAT.md)
         if m is None:
             raise CorruptFileError("tensor is not a PEFT LoRA factor", file=where[0], key=spec[0])
         pairs.setdefault(m.group(1), {})[m.group(2)] = spec

@@ -26,6 +26,7 @@ from lora_zoo.contrib.formats.common import (
     module_from_factors,
     peft_config_for,
     refuse_dora,
+    refuse_variant,
 )
 from lora_zoo.contrib.formats.files import read_tensor_file
 from lora_zoo.contrib.formats.naming import kohya_name, kohya_to_canonical, split_component
@@ -35,7 +36,6 @@ from lora_zoo.errors import (
     MissingPairError,
     NonFiniteError,
     UnknownLayoutError,
-    UnsupportedVariantError,
 )
 from lora_zoo.record import LoraModule, LoraRecord, peft_rank_alpha_scale
 
@@ -44,7 +44,6 @@ log = logging.getLogger(__name__)
 NAME = "kohya"
 _PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 _SUFFIX = {".lora_down.weight": "A", ".lora_up.weight": "B", ".alpha": "alpha"}
-_VARIANTS = ("hada_", "lokr_", "lora_mid", "dora_scale", ".diff", "oft_")
 NAMES_KEY = "lora_zoo.names"
 CONFIG_KEY = "lora_zoo.config"
 
@@ -67,12 +66,7 @@ def from_state_dict(
     known = list(known_modules) if known_modules is not None else None
     parts: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     for key, t in state.items():
-        if any(v in key for v in _VARIANTS):
-            raise UnsupportedVariantError(
-                "LyCORIS / DoRA variant tensors (LoHa, LoKr, Tucker mid, DoRA) are not plain LoRA",
-                file=file,
-                key=key,
-            )
+        refuse_variant(key, file=file)  # LoHa, LoKr, Tucker, OFT, diff, kohya DoRA: by name
         lora_name, which = None, None
         for suffix, w in _SUFFIX.items():
             if key.endswith(suffix):
