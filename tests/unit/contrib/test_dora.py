@@ -129,3 +129,37 @@ def test_use_dora_and_magnitudes_must_agree():
     with pytest.raises(MissingPairError, match="use_dora=False but this module has"):
         LoraRecord({"x": m}, {"r": 2, "lora_alpha": 2}).validate()
     LoraRecord({"x": m}, {"r": 2, "lora_alpha": 2, "use_dora": True}).validate()
+
+
+def test_diff_compares_magnitudes():
+    from lora_zoo.contrib.diff import compare_records
+
+    rec = read_adapter_llama_like()
+    other = LoraRecord(
+        {
+            n: LoraModule(m.A, m.B, m.alpha, m.scale, magnitude=m.magnitude * 1.5)
+            for n, m in rec.modules.items()
+        },
+        rec.config,
+    )
+    diffs, worst = compare_records("x", rec, other, 0.0, 0.0)
+    assert diffs and all("magnitude" in d.message for d in diffs) and worst > 0
+    plain = LoraRecord({n: LoraModule(m.A, m.B, m.alpha, m.scale) for n, m in rec.modules.items()})
+    diffs, _ = compare_records("x", rec, plain, 0.0, 0.0)
+    assert any("DoRA magnitude only in A" in d.message for d in diffs)
+    assert compare_records("x", rec, rec, 0.0, 0.0)[0] == []
+
+
+def read_adapter_llama_like() -> LoraRecord:
+    g = torch.Generator().manual_seed(3)
+    mods = {
+        f"l{i}": LoraModule(
+            torch.randn(2, 5, generator=g),
+            torch.randn(4, 2, generator=g),
+            2.0,
+            1.0,
+            magnitude=torch.rand(4, generator=g) + 0.5,
+        )  # fmt: skip
+        for i in range(2)
+    }
+    return LoraRecord(mods, {"r": 2, "lora_alpha": 2, "use_dora": True})
