@@ -50,3 +50,31 @@ def test_factors_view_is_the_low_rank_part(zoo):
         # float32 rank-3 product either way: 10 eps32 x r x max|ΔW|
         tol = 10 * torch.finfo(torch.float32).eps * 3 * float(want.abs().max())
         torch.testing.assert_close(u @ v.T, want, atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("view", ["factors", "svals", "canonical", "gl_augment"])
+def test_magnitude_is_passed_beside_every_view(zoo, view):
+    rec = _dora(3)
+    item = LoraDataset(str(zoo / ""), view=view, labels=())[3]
+    batch = next(iter(LoraIterableDataset(str(zoo / ""), view=view, labels=(), batch_size=4)))
+    for name, m in rec.modules.items():
+        assert torch.equal(item["modules"][name]["M"], m.magnitude)  # as stored, no scale fold
+        assert torch.equal(batch["modules"][name]["M"][3], m.magnitude)
+
+
+def test_mixed_dora_and_plain_batch_has_zero_magnitudes_for_plain(tmp_path):
+    from lora_zoo.load.collate import collate_loras
+
+    with ZooWriter(tmp_path / "mix") as w:
+        w.add(_dora(0), lora_id="d0")
+        w.add(make_record(1, 3), lora_id="p1")
+    ds = LoraDataset(str(tmp_path / "mix"), view="svals", labels=())
+    b = collate_loras([ds[0], ds[1]])
+    for name, m in _dora(0).modules.items():
+        mm = b["modules"][name]["M"]
+        assert torch.equal(mm[0], m.magnitude) and torch.count_nonzero(mm[1]) == 0
+    stream = next(
+        iter(LoraIterableDataset(str(tmp_path / "mix"), view="svals", labels=(), batch_size=2))
+    )
+    for name in b["modules"]:
+        torch.testing.assert_close(stream["modules"][name]["M"], b["modules"][name]["M"])
