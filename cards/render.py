@@ -10,6 +10,7 @@ the Parquet columns (recipe, provenance, label statistics), so re-rendering is d
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -268,6 +269,32 @@ def split_method(info: dict[str, Any]) -> str:
     return "No split: every LoRA is in `train`."
 
 
+def variant_rows(zoo: Any) -> list[dict[str, Any]]:
+    """How many LoRAs of each variant the zoo holds, from each row's adapter_config (rsLoRA,
+    DoRA) and, for built zoos, the recorded init (``hp.init``; PiSSA / OLoRA are stored
+    converted, so the config alone no longer says so)."""
+    from collections import Counter
+
+    counts: Counter[tuple[str, str, str]] = Counter()
+    for s in zoo.splits:
+        sp = zoo[s]
+        cols = ["adapter_config"] + (["hp.init"] if "hp.init" in sp.metadata_columns else [])
+        t = sp.table(cols)
+        inits = t.column("hp.init").to_pylist() if "hp.init" in cols else [None] * t.num_rows
+        for cfg, init in zip(t.column("adapter_config").to_pylist(), inits):
+            c = json.loads(cfg)
+            counts[
+                (
+                    "DoRA" if c.get("use_dora") else "LoRA",
+                    "yes" if c.get("use_rslora") else "no",
+                    str(init or "(not recorded)"),
+                )
+            ] += 1
+    return [
+        {"kind": k, "rslora": r, "init": i, "count": n} for (k, r, i), n in sorted(counts.items())
+    ]
+
+
 def _modules_and_dtypes(zoo: Any) -> tuple[dict[str, Any], list[str]]:
     first = next((s for s in zoo.splits if len(zoo[s])), None)
     if first is None:
@@ -372,6 +399,12 @@ def card_context(
             "10-90% band over sampled LoRAs and layers), per module family; computed "
             "from the r x r core, GL(r)-invariant.",
         ),
+        "spectral": (
+            "spectral columns by hyperparameter",
+            "Per-LoRA spectral statistics (`lora-zoo analyze`: mean over modules of ΔW's top "
+            "singular value, stable rank, effective rank, 90 % energy rank), as box plots over "
+            "the values of the hyperparameters the recipe varies.",
+        ),
         "hparams": (
             "hyperparameter histograms",
             "Ranks, alphas and the training hyperparameters that vary across the zoo.",
@@ -424,6 +457,7 @@ def card_context(
             for c, raw in zip(md_tree(m["columns"]), m["columns"])
         ],
         "label_stats": md_tree(label_stats(zoo)),
+        "variants": md_tree(variant_rows(zoo)),
         "plots": [
             {"file": f, "alt": captions[k][0], "caption": captions[k][1]}
             for k, f in (plots or {}).items()
