@@ -429,7 +429,15 @@ def _with_magnitudes(
     mat = mats[0] if len(mats) == 1 else np.concatenate(mats)  # (g, L)
     for name in dora:
         m = _read_tensor(mat, base, pairs[name]["M"], 1.0, validate, list(where))
-        out[name] = (*out[name][:2], m.reshape(m.shape[0], -1))
+        m = m.reshape(m.shape[0], -1)  # (g, out): (out,) and conv's (1, out, 1, 1) alike
+        if m.shape[1] != out[name][0].shape[1]:
+            raise ShapeMismatchError(
+                f"DoRA magnitude has {m.shape[1]} entries but B has {out[name][0].shape[1]} "
+                "output features",
+                file=where[0],
+                key=name,
+            )
+        out[name] = (*out[name][:2], m)
     return out
 
 

@@ -78,3 +78,20 @@ def test_mixed_dora_and_plain_batch_has_zero_magnitudes_for_plain(tmp_path):
     )
     for name in b["modules"]:
         torch.testing.assert_close(stream["modules"][name]["M"], b["modules"][name]["M"])
+
+
+def test_a_magnitude_of_the_wrong_length_is_refused_by_the_loaders_too(tmp_path):
+    from lora_zoo.errors import ShapeMismatchError
+
+    rec = _dora(0)
+    name = next(iter(rec.modules))
+    rec.modules[name].magnitude = torch.ones(rec.modules[name].out_features + 1)
+    with ZooWriter(tmp_path / "bad", validate=False) as w:
+        w.add(rec, lora_id="b0")
+    for make in (
+        lambda: LoraDataset(str(tmp_path / "bad"), view="factors", labels=())[0],
+        lambda: next(iter(LoraIterableDataset(str(tmp_path / "bad"), labels=(), batch_size=1))),
+    ):
+        with pytest.raises(ShapeMismatchError, match="magnitude") as e:
+            make()
+        assert e.value.key == name
