@@ -424,3 +424,9 @@ def test_variant_hparam_builds_each_variant(tmp_path):
         r = m.rank // 2
         full = m.scale * m.B[:, :r] @ m.A[:r]
         assert float(m.delta_w().norm()) < 0.5 * float(full.norm())
+    # the pack-time option adds the spectral columns (lora-zoo pack --analyze)
+    from lora_zoo.cli import main
+
+    assert main(["pack", str(tmp_path / "z"), "--out", str(tmp_path / "p"), "--analyze"]) == 0
+    packed = load_zoo(tmp_path / "p", verify=True)["train"]
+    assert "spectral.top_sv.mean" in packed.label_columns and len(packed) == 4
