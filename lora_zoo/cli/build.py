@@ -80,13 +80,7 @@ def register(sub: Any) -> None:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_build, needs_stack=True)
 
-    p = sub.add_parser("pack", help="merge finished LoRAs of build/shard dirs into one zoo")
-    p.add_argument("dirs", nargs="+", help="build OUT dirs or their .build* work dirs")
-    p.add_argument("--out", required=True, help="zoo folder to write")
-    p.add_argument("--allow-partial", action="store_true", help="pack although jobs are open")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing zoo")
-    p.add_argument("--analyze", action="store_true", help=_ANALYZE_HELP)
-    p.set_defaults(func=cmd_pack)
+    _register_pack(sub)
 
     p = sub.add_parser("status", help="job counts and failures of a build dir")
     p.add_argument("dir", help="build OUT dir or a .build* work dir")
@@ -200,6 +194,16 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 _ANALYZE_HELP = "then add the spectral columns (as `lora-zoo analyze ZOO` does)"
+
+
+def _register_pack(sub: Any) -> None:
+    p = sub.add_parser("pack", help="merge finished LoRAs of build/shard dirs into one zoo")
+    p.add_argument("dirs", nargs="+", help="build OUT dirs or their .build* work dirs")
+    p.add_argument("--out", required=True, help="zoo folder to write")
+    p.add_argument("--allow-partial", action="store_true", help="pack although jobs are open")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing zoo")
+    p.add_argument("--analyze", action="store_true", help=_ANALYZE_HELP)
+    p.set_defaults(func=cmd_pack)
 
 
 def _analyze(zoo: object) -> None:

@@ -383,6 +383,7 @@ def test_acc_and_acc_norm_equal_lm_evaluation_harness_on_the_same_questions(tmp_
         assert ours[k]["acc_norm"] == pytest.approx(sum(acc_norm) / len(acc_norm), abs=1e-12)
 
 
+@pytest.mark.slow  # a full 4-LoRA build + pack (about 40 s on the shared 2-core box)
 def test_variant_hparam_builds_each_variant(tmp_path):
     """``vary: variant`` reaches the engine and the zoo: rsLoRA's scale, DoRA's magnitudes,
     PiSSA's converted rank-2r LoRA (ΔW on the true base), and hp.* says which is which."""
