@@ -24,8 +24,9 @@ Equivalence", NeurIPS 2025) need the base weights W0: a left singular vector y_j
 vectors x_i of W0. That needs dense SVDs of base-sized matrices (one of W0 per module, one of
 W0 + ΔW per LoRA and module), so it runs only when base weights are given.
 
-DoRA modules: the statistics describe the low-rank direction update scale * B A (the part the
-GL(r) symmetry acts on); the magnitude vector is a separate, invariant feature.
+DoRA modules: the four statistics describe the low-rank direction update scale * B A (the part
+the GL(r) symmetry acts on; the magnitude vector is a separate, invariant feature); intruder
+dimensions use the layer's full DoRA weight (``LoraModule.merged_weight``), magnitude included.
 """
 
 from __future__ import annotations
@@ -150,7 +151,9 @@ def _intruders(
             mat = _as_matrix(w0, m.fan_in_fan_out)
             cache[name] = (mat, _base_left(mat))
         mat, left = cache[name]
-        delta = _as_matrix(m.delta_w(torch.float64), m.fan_in_fan_out)
+        # the layer's full change: for DoRA that includes the magnitude's row rescaling
+        full = m.merged_weight(w0) - w0.to(torch.float64) if m.is_dora else m.delta_w(torch.float64)
+        delta = _as_matrix(full, m.fan_in_fan_out)
         if delta.shape != mat.shape:
             raise ShapeMismatchError(
                 f"ΔW is {tuple(delta.shape)} but the base weight is {tuple(mat.shape)}",

@@ -205,3 +205,25 @@ def test_cli_analyze_end_to_end(tmp_path, capsys):
     z = load_zoo(root, verify=True)
     assert z.info["spectral"]["intruders"] == {"k": 4, "eps": 0.5, "vectors": "left"}
     assert all(0 <= x <= 4 for x in z["train"].table().column("spectral.intruders.sum").to_pylist())
+
+
+def test_dora_intruders_use_the_full_dora_weight():
+    """For DoRA the fine-tuned weight is m / ||W0 + s B A||_row (W0 + s B A): a magnitude that
+    flips the sign of one row's scale changes nothing (|cos|), but one that zeroes most rows
+    leaves the remaining rows' directions as the top singular vectors: intruders appear that
+    the low-rank part alone does not produce."""
+    g = torch.Generator().manual_seed(2)
+    n, m, r = 12, 10, 2
+    w0 = torch.randn(n, m, generator=g, dtype=torch.float64)
+    w0[0] = 0.0  # every left singular vector of W0 has x[0] = 0: e_0 matches none of them
+    a = torch.randn(r, m, generator=g, dtype=torch.float64) * 1e-3
+    b = torch.randn(n, r, generator=g, dtype=torch.float64) * 1e-3
+    mag = torch.full((n,), 1e-6, dtype=torch.float64)
+    mag[0] = 100.0  # one output row dominates: the top vector is e_0
+    mod = LoraModule(a, b, 2.0, 1.0, magnitude=mag)
+    rec = LoraRecord({"x": mod}, {"r": r, "lora_alpha": 2.0, "use_dora": True}, "d")
+    cols = lora_columns(rec, {"x": w0}, k=1, eps=0.5)
+    want = ref_intruders(w0, mod.merged_weight(w0), 1, 0.5)
+    assert cols["spectral.intruders.per_module"] == [want] == [1]
+    plain = LoraRecord({"x": LoraModule(a, b, 2.0, 1.0)}, {"r": r, "lora_alpha": 2.0}, "p")
+    assert lora_columns(plain, {"x": w0}, k=1)["spectral.intruders.per_module"] == [0]
