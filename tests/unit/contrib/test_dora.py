@@ -163,3 +163,16 @@ def read_adapter_llama_like() -> LoraRecord:
         for i in range(2)
     }
     return LoraRecord(mods, {"r": 2, "lora_alpha": 2, "use_dora": True})
+
+
+def test_ingest_keeps_a_peft_dora_folder(dora, tmp_path):
+    from lora_zoo.contrib.ingest import ingest
+    from lora_zoo.load.source import load_zoo
+
+    d, _, pm = dora
+    report = ingest([str(d)], tmp_path / "zoo")
+    assert report["rejected"] == []
+    rec = load_zoo(tmp_path / "zoo")["train"].record(0)
+    assert rec.is_dora and rec.config["use_dora"]
+    for name, mag in _magnitudes(pm).items():
+        assert torch.equal(rec.modules[name].magnitude, mag)
