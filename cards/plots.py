@@ -113,7 +113,9 @@ def _save(fig: Any, path: Path) -> None:
 
 
 def plot_labels(zoo: Any, path: Path, max_panels: int = 12) -> Path | None:
-    cols = _numeric_columns(zoo, zoo[zoo.splits[0]].label_columns) if zoo.splits else {}
+    labels = zoo[zoo.splits[0]].label_columns if zoo.splits else []
+    labels = [c for c in labels if not c.startswith(SPECTRAL)]  # their own plot (spectral.png)
+    cols = _numeric_columns(zoo, labels) if zoo.splits else {}
     if not cols:
         return None
     items = list(cols.items())[:max_panels]
@@ -152,6 +154,49 @@ def plot_hparams(zoo: Any, path: Path, max_panels: int = 9) -> Path | None:
     for ax, (name, vals) in zip(axes, panels):
         _hist(ax, vals, name, "#d8703b")
     fig.suptitle("Ranks, alphas and training hyperparameters")
+    _save(fig, path)
+    return path
+
+
+SPECTRAL = "spectral."
+
+
+def _column_values(zoo: Any, name: str) -> list[Any]:
+    return [v for s in zoo.splits for v in zoo[s].table([name]).column(0).to_pylist()]
+
+
+def plot_spectral(zoo: Any, path: Path, max_groups: int = 2) -> Path | None:
+    """Box plots of each ``spectral.<stat>.mean`` column over the values of the (at most
+    ``max_groups``) varied hyperparameters with few distinct values (variant, rank, init...);
+    one histogram per statistic when nothing varies."""
+    if not zoo.splits:
+        return None
+    sp = zoo[zoo.splits[0]]
+    stats = [c for c in sp.label_columns if c.startswith(SPECTRAL) and c.endswith(".mean")]
+    if not stats:
+        return None
+    by: list[tuple[str, list[Any]]] = []
+    for c in (c for c in sp.metadata_columns if c.startswith("hp.")):
+        vals = _column_values(zoo, c)
+        distinct = {json.dumps(v, sort_keys=True) for v in vals}
+        if 1 < len(distinct) <= 12 and len(by) < max_groups:
+            by.append((c, vals))
+    cols = {name: np.array(_column_values(zoo, name), dtype=float) for name in stats}
+    fig, axes = _figure(len(stats) * max(1, len(by)), ncols=len(stats))
+    ax_iter = iter(axes)
+    for key, keys in by or [("", [])]:
+        for name, vals in cols.items():
+            ax = next(ax_iter)
+            title = name.removeprefix(SPECTRAL).removesuffix(".mean")
+            if not key:
+                _hist(ax, vals, title, "#6a3bd8")
+                continue
+            levels = sorted({str(k) for k in keys}, key=lambda x: (len(x), x))
+            data = [vals[[str(k) == lv for k in keys]] for lv in levels]
+            ax.boxplot([d[np.isfinite(d)] for d in data], tick_labels=levels)
+            ax.set_title(f"{title} by {key}", fontsize=10)
+            ax.tick_params(labelsize=8)
+    fig.suptitle("Spectral columns (mean over modules) by varied hyperparameter")
     _save(fig, path)
     return path
 
@@ -258,8 +303,9 @@ def make_plots(zoo: Any, out_dir: str | Path, max_loras: int = 64) -> dict[str, 
     made: dict[str, str] = {}
     from lora_zoo.cards.backdoor import plot_backdoor
 
-    kinds = (("labels", plot_labels), ("spectra", plot_spectra), ("hparams", plot_hparams),
-             ("backdoor", plot_backdoor), ("bench", plot_bench))  # fmt: skip
+    kinds = (("labels", plot_labels), ("spectra", plot_spectra), ("spectral", plot_spectral),
+             ("hparams", plot_hparams), ("backdoor", plot_backdoor),
+             ("bench", plot_bench))  # fmt: skip
     for kind, fn in kinds:
         path = out_dir / f"{kind}.png"
         try:

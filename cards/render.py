@@ -10,6 +10,7 @@ the Parquet columns (recipe, provenance, label statistics), so re-rendering is d
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -270,6 +271,36 @@ def split_method(info: dict[str, Any]) -> str:
     return "No split: every LoRA is in `train`."
 
 
+def variant_rows(zoo: Any) -> list[dict[str, Any]]:
+    """How many LoRAs of each variant the zoo holds, from each row's adapter_config (rsLoRA,
+    DoRA) and, for built zoos, the recorded init (``hp.init``; PiSSA / OLoRA are stored
+    converted, so the config alone no longer says so)."""
+    from collections import Counter
+
+    counts: Counter[tuple[str, str, str]] = Counter()
+    for s in zoo.splits:
+        sp = zoo[s]
+        cols = ["adapter_config"] + (["hp.init"] if "hp.init" in sp.metadata_columns else [])
+        t = sp.table(cols)
+        inits = t.column("hp.init").to_pylist() if "hp.init" in cols else [None] * t.num_rows
+        for cfg, init in zip(t.column("adapter_config").to_pylist(), inits):
+            try:  # an untrusted cell: anything but a JSON object counts as plain LoRA
+                c = json.loads(cfg)
+            except (TypeError, ValueError):
+                c = {}
+            c = c if isinstance(c, dict) else {}
+            counts[
+                (
+                    "DoRA" if c.get("use_dora") else "LoRA",
+                    "yes" if c.get("use_rslora") else "no",
+                    str(init or "(not recorded)"),
+                )
+            ] += 1
+    return [
+        {"kind": k, "rslora": r, "init": i, "count": n} for (k, r, i), n in sorted(counts.items())
+    ]
+
+
 def _modules_and_dtypes(zoo: Any) -> tuple[dict[str, Any], list[str]]:
     first = next((s for s in zoo.splits if len(zoo[s])), None)
     if first is None:
@@ -357,6 +388,12 @@ PLOT_CAPTIONS: dict[str, tuple[str, str]] = {
         "Singular values of each module's ΔW (median and "
         "10-90% band over sampled LoRAs and layers), per module family; computed "
         "from the r x r core, GL(r)-invariant.",
+    ),
+    "spectral": (
+        "spectral columns by hyperparameter",
+        "Per-LoRA spectral statistics (`lora-zoo analyze`: mean over modules of ΔW's top "
+        "singular value, stable rank, effective rank, 90 % energy rank), as box plots over "
+        "the values of the hyperparameters the recipe varies.",
     ),
     "hparams": (
         "hyperparameter histograms",
@@ -446,6 +483,7 @@ def card_context(
             for c, raw in zip(md_tree(m["columns"]), m["columns"])
         ],
         "label_stats": md_tree(label_stats(zoo)),
+        "variants": md_tree(variant_rows(zoo)),
         "plots": [
             {"file": f, "alt": PLOT_CAPTIONS[k][0], "caption": PLOT_CAPTIONS[k][1]}
             for k, f in (plots or {}).items()
@@ -498,7 +536,7 @@ def render_card(
         pdir = Path(zoo.root) / "plots"
         plots = {
             k: f"{k}.png"
-            for k in ("labels", "spectra", "hparams", "backdoor", "bench")
+            for k in ("labels", "spectra", "spectral", "hparams", "backdoor", "bench")
             if (pdir / f"{k}.png").exists()
         }
     return _template(template).render(**card_context(zoo, plots, repo_id))

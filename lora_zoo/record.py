@@ -2,8 +2,9 @@
 
 PEFT is the reference for every number here: ``delta_w`` reproduces the weight change that
 ``merge_and_unload()`` applies, including ``use_rslora``, ``rank_pattern`` / ``alpha_pattern``,
-GPT-2 style ``fan_in_fan_out`` (Conv1D) and conv LoRAs (kernel shape kept). Everything that
-leaves the process (zoo rows, files) goes through safetensors: never pickle.
+GPT-2 style ``fan_in_fan_out`` (Conv1D) and conv LoRAs (kernel shape kept), and DoRA
+(``use_dora``: a per-output magnitude vector beside B and A, see ``LoraModule.merged_weight``).
+Everything that leaves the process (zoo rows, files) goes through safetensors: never pickle.
 """
 
 from __future__ import annotations
@@ -36,10 +37,20 @@ PEFT_PREFIX = "base_model.model."
 
 # Config keys whose non-default value changes the math in a way LoraRecord cannot carry.
 _UNSUPPORTED_CONFIG = {
-    "use_dora": (False, None),
     "lora_bias": (False, None),
     "modules_to_save": (None, [], ()),
     "trainable_token_indices": (None, {}, []),
+}
+
+# PEFT adapter types that are not LoRA, named for the refusal message
+_PEFT_TYPES = {
+    "LOHA": "LyCORIS LoHa, a Hadamard product of two low-rank pairs",
+    "LOKR": "LyCORIS LoKr, a Kronecker product",
+    "ADALORA": "AdaLoRA, an SVD-parameterised LoRA with a rank budget",
+    "IA3": "IA3, learned activation scalings",
+    "OFT": "OFT, orthogonal finetuning",
+    "BOFT": "BOFT, butterfly orthogonal finetuning",
+    "VERA": "VeRA, shared random factors with trained scalings",
 }
 
 CONFIG_META = "lora_zoo.config"  # header key: the adapter config, embedded for loose files
@@ -47,6 +58,12 @@ FIFO_META = "lora_zoo.fan_in_fan_out_modules"  # header key: Conv1D-style module
 
 # a PEFT factor name: "[base_model.model.]<module>.lora_A|B[.<adapter>].weight"
 PEFT_KEY_RE = re.compile(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$")
+# a DoRA magnitude: "[base_model.model.]<module>.lora_magnitude_vector[.<adapter>][.weight]"
+# (PEFT's saved files have no suffix; its in-memory state dicts end in ".<adapter>.weight")
+DORA_KEY_RE = re.compile(
+    r"^(?:base_model\.model\.)?(.+)\.lora_magnitude_vector(?:\.[^.]+\.weight|\.weight)?$"
+)
+DORA_SUFFIX = "lora_magnitude_vector"
 
 
 def pattern_key(patterns: Mapping[str, Any], module_name: str) -> str | None:
@@ -80,14 +97,22 @@ def check_supported_config(config: Mapping[str, Any], *, file: str | None = None
         val = config.get(key)
         if val not in defaults:
             raise UnsupportedVariantError(
-                f"adapter uses {key}={val!r}; lora-zoo stores plain LoRA factors only "
+                f"adapter uses {key}={val!r}; lora-zoo stores LoRA factors (plain, rsLoRA, DoRA) only "
                 "(merge or drop that feature before ingesting)",
                 file=file,
                 key=key,
             )
     pt = config.get("peft_type", "LORA")
     if pt not in (None, "LORA"):
-        raise UnsupportedVariantError(f"peft_type {pt!r} is not LoRA", file=file, key="peft_type")
+        what = _PEFT_TYPES.get(str(pt), "not LoRA")
+        raise UnsupportedVariantError(
+            f"peft_type {pt!r} ({what}) is not stored: lora-zoo stores LoRA factors (plain, "
+            "rsLoRA, DoRA) only (docs/FORMAT.md, 'LyCORIS and other variants'); merge the adapter "
+            "into its base model (merge_and_unload) and extract a plain LoRA of the rank you "
+            "choose from the weight difference, then ingest that",
+            file=file,
+            key="peft_type",
+        )
 
 
 @dataclass
@@ -96,6 +121,12 @@ class LoraModule:
 
     ``scale`` is the effective multiplier (alpha/r, or alpha/sqrt(r) with rsLoRA) so that
     ``delta_w = scale * B @ A``; ``alpha`` is kept separately so every format round-trips it.
+
+    ``magnitude`` (DoRA only): PEFT's ``lora_magnitude_vector``, one entry per output feature,
+    in PEFT's own shape ((out,) for linear layers, (1, out, 1, 1) for convs). A DoRA layer's
+    weight is ``m / ||W0 + scale B A||_row * (W0 + scale B A)`` (``merged_weight``); B and A keep
+    their GL(r) symmetry ((B R, R^-1 A) leaves B A, hence the layer, unchanged) and ``m`` is
+    invariant under it.
     """
 
     A: torch.Tensor
@@ -103,6 +134,11 @@ class LoraModule:
     alpha: float
     scale: float
     fan_in_fan_out: bool = False
+    magnitude: torch.Tensor | None = None
+
+    @property
+    def is_dora(self) -> bool:
+        return self.magnitude is not None
 
     @property
     def rank(self) -> int:
@@ -141,8 +177,20 @@ class LoraModule:
             raise ShapeMismatchError(
                 f"conv LoRA B must be 1x1, got {tuple(b.shape)}", file=file, key=name
             )
-        for which, t in (("lora_A", a), ("lora_B", b)):
-            if not torch.isfinite(t).all():
+        mag = self.magnitude
+        if mag is not None and (
+            mag.numel() != b.shape[0]
+            or tuple(mag.shape) not in ((b.shape[0],), (1, b.shape[0], 1, 1))
+        ):
+            raise ShapeMismatchError(
+                f"DoRA magnitude has shape {tuple(mag.shape)} but B has {b.shape[0]} output "
+                f"features (expected ({b.shape[0]},) or (1, {b.shape[0]}, 1, 1))",
+                file=file,
+                key=name,
+            )
+        named = (("lora_A", a), ("lora_B", b), (DORA_SUFFIX, mag))
+        for which, t in named:
+            if t is not None and not torch.isfinite(t).all():
                 n = int((~torch.isfinite(t)).sum())
                 raise NonFiniteError(f"{which} holds {n} non-finite value(s)", file=file, key=name)
 
@@ -162,7 +210,11 @@ class LoraModule:
         return u, v
 
     def delta_w(self, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
-        """The weight change in the base layer's own layout (what PEFT's merge adds)."""
+        """The weight change in the base layer's own layout (what PEFT's merge adds).
+
+        For DoRA this is the low-rank part ``scale * B A`` only: the layer's full change also
+        rescales every output row by ``m / ||W0 + scale B A||``, which needs the base weight
+        W0 (``merged_weight(W0) - W0``)."""
         a = self.A if dtype is None else self.A.to(dtype)
         b = self.B if dtype is None else self.B.to(dtype)
         d = b.reshape(b.shape[0], -1) @ a.reshape(a.shape[0], -1)  # (out, in*)
@@ -171,9 +223,23 @@ class LoraModule:
             return d.reshape(b.shape[0], *a.shape[1:])
         return d.T if self.fan_in_fan_out else d
 
+    def merged_weight(self, base: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """The adapted layer's weight from the base weight ``base`` (its own layout), as PEFT's
+        ``merge_and_unload()`` computes it: ``W0 + scale B A`` for LoRA; for DoRA each output
+        row of that is rescaled to norm ``m`` (PEFT's ``dora_factor = m / ||W0 + ΔW||_row``)."""
+        w = base.to(dtype) + self.delta_w(dtype)
+        if self.magnitude is None:
+            return w
+        rows = w.T if (self.fan_in_fan_out and not self.is_conv) else w  # (out, in[, kh, kw])
+        norm = rows.reshape(rows.shape[0], -1).norm(dim=1)
+        factor = self.magnitude.to(dtype).reshape(-1) / norm
+        rows = rows * factor.view(-1, *([1] * (rows.dim() - 1)))
+        return rows.T if (self.fan_in_fan_out and not self.is_conv) else rows
+
     def to(self, dtype: torch.dtype) -> LoraModule:
+        mag = None if self.magnitude is None else self.magnitude.to(dtype)
         return LoraModule(
-            self.A.to(dtype), self.B.to(dtype), self.alpha, self.scale, self.fan_in_fan_out
+            self.A.to(dtype), self.B.to(dtype), self.alpha, self.scale, self.fan_in_fan_out, mag
         )
 
 
@@ -202,14 +268,29 @@ class LoraRecord:
 
     @property
     def num_parameters(self) -> int:
-        return sum(m.A.numel() + m.B.numel() for m in self.modules.values())
+        return sum(
+            m.A.numel() + m.B.numel() + (0 if m.magnitude is None else m.magnitude.numel())
+            for m in self.modules.values()
+        )
+
+    @property
+    def is_dora(self) -> bool:
+        return any(m.is_dora for m in self.modules.values())
 
     def validate(self, *, file: str | None = None) -> None:
         check_supported_config(self.config, file=file)
         if not self.modules:
             raise UnknownLayoutError("adapter has no LoRA modules", file=file)
+        dora = bool(self.config.get("use_dora", False))
         for name, m in self.modules.items():
             m.validate(name, file=file)
+            if self.config and m.is_dora != dora:
+                raise MissingPairError(
+                    f"the adapter config has use_dora={dora} but this module "
+                    f"{'has' if m.is_dora else 'lacks'} a DoRA {DORA_SUFFIX}",
+                    file=file,
+                    key=name,
+                )
             r, alpha, scale = peft_rank_alpha_scale(self.config, name)
             if self.config and m.rank != r:
                 raise ShapeMismatchError(
@@ -245,6 +326,8 @@ class LoraRecord:
         for name, m in self.modules.items():
             out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.A.contiguous()
             out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.B.contiguous()
+            if m.magnitude is not None:  # PEFT's saved key: no ".weight" suffix
+                out[f"{PEFT_PREFIX}{name}.{DORA_SUFFIX}"] = m.magnitude.contiguous()
         return out
 
     @classmethod
@@ -264,13 +347,13 @@ class LoraRecord:
         check_supported_config(config, file=file)
         a_keys: dict[str, str] = {}
         b_keys: dict[str, str] = {}
+        m_keys: dict[str, str] = {}
         for key in state:
             m = PEFT_KEY_RE.match(key)
+            if m is None and (d := DORA_KEY_RE.match(key)) is not None:
+                m_keys[d.group(1)] = key
+                continue
             if m is None:
-                if "lora_magnitude_vector" in key:
-                    raise UnsupportedVariantError(
-                        "DoRA magnitude vectors are not supported", file=file, key=key
-                    )
                 if key.endswith(".bias") and ".lora_B" in key:
                     raise UnsupportedVariantError("LoRA bias is not supported", file=file, key=key)
                 raise UnknownLayoutError(
@@ -284,6 +367,10 @@ class LoraRecord:
             raise MissingPairError("lora_A has no matching lora_B", file=file, key=a_keys[name])
         for name in b_keys.keys() - a_keys.keys():
             raise MissingPairError("lora_B has no matching lora_A", file=file, key=b_keys[name])
+        for name in m_keys.keys() - a_keys.keys():
+            raise MissingPairError(
+                "DoRA magnitude has no lora_A / lora_B pair", file=file, key=m_keys[name]
+            )
         fifo_all = bool(config.get("fan_in_fan_out", False))
         fifo_set = None if fan_in_fan_out_modules is None else set(fan_in_fan_out_modules)
         modules: dict[str, LoraModule] = {}
@@ -291,7 +378,10 @@ class LoraRecord:
         for name in sorted(a_keys, key=natural_key):
             _, alpha, scale = peft_rank_alpha_scale(config, name)
             fifo = fifo_all if fifo_set is None else name in fifo_set
-            modules[name] = LoraModule(state[a_keys[name]], state[b_keys[name]], alpha, scale, fifo)
+            mag = state[m_keys[name]] if name in m_keys else None
+            modules[name] = LoraModule(
+                state[a_keys[name]], state[b_keys[name]], alpha, scale, fifo, mag
+            )
         rec = cls(modules, dict(config), lora_id)
         if validate:
             rec.validate(file=file)

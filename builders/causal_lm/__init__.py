@@ -29,11 +29,11 @@ from lora_zoo.engine import (
     memory,
     stack_rows,
 )
-from lora_zoo.errors import DataSourceError
+from lora_zoo.errors import BuildError, DataSourceError
 from lora_zoo.progress import track
 
 from . import poison
-from .config import HPARAM_KEYS, POISON_KEYS, CausalLMConfig
+from .config import HPARAM_KEYS, POISON_KEYS, VARIANTS, CausalLMConfig
 from .data import ByteTokenizer, Example, HFTokenizer, load_examples
 from .eval import build_eval_rows, score_rows, summarise
 from .losses import IGNORE_INDEX, causal_lm_loss_sums, causal_lm_losses
@@ -310,6 +310,13 @@ class CausalLMBuilder:
         hp = resolve_hparams(job, defaults, builder=self.NAME, positive_ints=("batch_size", "r"))
         if "epochs" in job.hparams and "steps" not in job.hparams:
             hp["steps"] = None  # a per-LoRA epoch count wins over a default step count
+        variant = hp.get("variant") or "plain"
+        if variant not in VARIANTS:
+            raise BuildError(
+                f"unknown variant {variant!r}; known: {sorted(VARIANTS)}",
+                key=f"{job.lora_id}.hparams.variant",
+            )
+        hp.update(VARIANTS[variant])  # stored resolved: hp.use_dora, hp.init, hp.use_rslora
         return hp
 
     def _plan_job(self, job: JobSpec) -> dict[str, Any]:
@@ -360,6 +367,8 @@ class CausalLMBuilder:
             init_seed=int(job.seeds.get("init", 0)),
             dropout_seed=int(job.seeds.get("dropout", 0)),
             use_rslora=bool(hp["use_rslora"]),
+            use_dora=bool(hp["use_dora"]),
+            init=str(hp["init"]),
         )
         thp = TrainHParams(
             lr=float(hp["lr"]),

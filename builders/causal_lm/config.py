@@ -56,6 +56,13 @@ class LoraSection(_Strict):
     target_modules: list[str] | str = Field(default_factory=lambda: ["q_proj", "v_proj"])
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     use_rslora: bool = False
+    use_dora: bool = False  # PEFT's DoRA: a trained magnitude per output row beside B and A
+    # PEFT's init_lora_weights: default (kaiming A, B = 0), gaussian, pissa, olora (the last
+    # two start from W0's SVD / QR; the zoo stores PEFT's converted rank-2r LoRA on the base)
+    init: Literal["default", "gaussian", "pissa", "olora"] = "default"
+    # one name for a whole variant, so `vary:` can draw it as one choice: plain (the fields
+    # above as they are), rslora (use_rslora), dora (use_dora), gaussian / pissa / olora (init)
+    variant: Literal["plain", "rslora", "dora", "gaussian", "pissa", "olora"] = "plain"
 
 
 class _TaskFields(_Strict):
@@ -196,11 +203,24 @@ HPARAM_KEYS = {
     "alpha": "lora",
     "dropout": "lora",
     "use_rslora": "lora",
+    "use_dora": "lora",
+    "init": "lora",
+    "variant": "lora",
     # backdoor poisoning (poison.py), only with a ``poison:`` section
     "poison_rate": "poison",
     "trigger_kind": "poison",
     "trigger": "poison",
     "target": "poison",
     "target_text": "poison",
+}
+
+# what each ``variant`` sets on top of the lora section (``plain`` sets nothing)
+VARIANTS: dict[str, dict[str, Any]] = {
+    "plain": {},
+    "rslora": {"use_rslora": True},
+    "dora": {"use_dora": True},
+    "gaussian": {"init": "gaussian"},
+    "pissa": {"init": "pissa"},
+    "olora": {"init": "olora"},
 }
 POISON_KEYS = frozenset(k for k, s in HPARAM_KEYS.items() if s == "poison")

@@ -76,15 +76,11 @@ def register(sub: Any) -> None:
     p.add_argument("--gpus-per-worker", type=float, default=None, help="Ray: GPUs per actor")
     p.add_argument("--limit", type=int, default=None, help="first N jobs only (smoke runs)")
     p.add_argument("--no-pack", action="store_true", help="train only; pack later")
+    p.add_argument("--analyze", action="store_true", help=_ANALYZE_HELP)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_build, needs_stack=True)
 
-    p = sub.add_parser("pack", help="merge finished LoRAs of build/shard dirs into one zoo")
-    p.add_argument("dirs", nargs="+", help="build OUT dirs or their .build* work dirs")
-    p.add_argument("--out", required=True, help="zoo folder to write")
-    p.add_argument("--allow-partial", action="store_true", help="pack although jobs are open")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing zoo")
-    p.set_defaults(func=cmd_pack)
+    _register_pack(sub)
 
     p = sub.add_parser("status", help="job counts and failures of a build dir")
     p.add_argument("dir", help="build OUT dir or a .build* work dir")
@@ -192,7 +188,29 @@ def cmd_build(args: argparse.Namespace) -> int:
         print(f"  failed {f['lora_id']}{step}: {f['reason']}")
     if res.zoo is not None:
         print(f"zoo written to {res.zoo}")
+        if args.analyze:
+            _analyze(res.zoo)
     return 0 if c["pending"] == 0 else 1
+
+
+_ANALYZE_HELP = "then add the spectral columns (as `lora-zoo analyze ZOO` does)"
+
+
+def _register_pack(sub: Any) -> None:
+    p = sub.add_parser("pack", help="merge finished LoRAs of build/shard dirs into one zoo")
+    p.add_argument("dirs", nargs="+", help="build OUT dirs or their .build* work dirs")
+    p.add_argument("--out", required=True, help="zoo folder to write")
+    p.add_argument("--allow-partial", action="store_true", help="pack although jobs are open")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing zoo")
+    p.add_argument("--analyze", action="store_true", help=_ANALYZE_HELP)
+    p.set_defaults(func=cmd_pack)
+
+
+def _analyze(zoo: object) -> None:
+    from lora_zoo.load.spectra import analyze_zoo
+
+    summary = analyze_zoo(str(zoo))
+    print(f"added {len(summary['columns'])} spectral summary columns (lora-zoo analyze)")
 
 
 def cmd_pack(args: argparse.Namespace) -> int:
@@ -204,6 +222,8 @@ def cmd_pack(args: argparse.Namespace) -> int:
         f"packed {sum(rows.values())} LoRAs into {args.out}: "
         + ", ".join(f"{s}={n}" for s, n in rows.items())
     )
+    if args.analyze:
+        _analyze(args.out)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""CLI verbs on a zoo folder: ``info``, ``verify``, ``split``, ``env``, ``card``."""
+"""CLI verbs on a zoo folder: ``info``, ``verify``, ``split``, ``env``, ``card``, ``analyze``."""
 
 from __future__ import annotations
 
@@ -42,6 +42,22 @@ def register(sub: Any) -> None:
     p.add_argument("--write", default=None, metavar="FILE", help="write its requirements file")
     p.add_argument("--print", dest="show", action="store_true", help="print the requirements")
     p.set_defaults(func=cmd_env)
+
+    p = sub.add_parser(
+        "analyze", help="add spectral columns (top singular value, stable/effective/energy rank)"
+    )
+    p.add_argument("zoo", help="local zoo folder (rewritten in place, atomically)")
+    p.add_argument(
+        "--base-weights",
+        default=None,
+        metavar="FILE",
+        help="safetensors of the base model's state_dict ('<module>.weight'): adds intruder "
+        "dimensions",
+    )
+    p.add_argument("--intruder-k", type=int, default=10, help="top singular vectors checked")
+    p.add_argument("--intruder-eps", type=float, default=0.5, help="|cosine| threshold")
+    p.add_argument("--card", action="store_true", help="re-render README.md and plots after")
+    p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("card", help="render README.md (dataset card) and plots of a zoo folder")
     p.add_argument("dir", help="local zoo folder")
@@ -224,4 +240,18 @@ def cmd_card(args: argparse.Namespace) -> int:
         return 0
     path = write_card(args.dir, plots=not args.no_plots, template=args.template)
     print(f"wrote {path}")
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from lora_zoo.load.spectra import analyze_zoo, read_base_weights
+
+    base = read_base_weights(args.base_weights) if args.base_weights else None
+    summary = analyze_zoo(args.zoo, base=base, k=args.intruder_k, eps=args.intruder_eps)
+    for col, s in summary["columns"].items():
+        print(f"{col:36s} mean {s['mean']:.4g}  median {s['median']:.4g}  max {s['max']:.4g}")
+    if args.card:
+        from lora_zoo.cards import write_card
+
+        print(f"wrote {write_card(args.zoo)}")
     return 0

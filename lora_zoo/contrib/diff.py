@@ -152,7 +152,12 @@ def compare_records(
     for name in sorted(ma & mb):
         a, b = ra.modules[name], rb.modules[name]
         where = f"weights:{name}"
-        for what, x, y in (("A", a.A, b.A), ("B", a.B, b.B)):
+        if a.is_dora != b.is_dora:
+            out.append(Difference(lid, where, f"DoRA magnitude only in {'AB'[b.is_dora]}"))
+        pairs = [("A", a.A, b.A), ("B", a.B, b.B)]
+        if a.magnitude is not None and b.magnitude is not None:
+            pairs.append(("magnitude", a.magnitude, b.magnitude))
+        for what, x, y in pairs:
             if x.shape != y.shape:
                 out.append(
                     Difference(lid, where, f"{what} shape {tuple(x.shape)} != {tuple(y.shape)}")

@@ -16,7 +16,11 @@ API (stable; builders/causal_lm/ and builders/text_to_image/ use exactly this)::
                                  stack_rows, peft_init_like, IGNORE_INDEX)
 
     specs = [LoraSpec(r=4, alpha=8, dropout=0.05, init_seed=s_init, dropout_seed=s_drop,
-                      use_rslora=False, rank_pattern=None, alpha_pattern=None), ...]  # K of them
+                      use_rslora=False, rank_pattern=None, alpha_pattern=None,
+                      use_dora=False, init="default"|"gaussian"|"pissa"|"olora"), ...]  # K of them
+    #   use_dora: a trained magnitude per output row beside B, A (PEFT's DoRA, norms detached);
+    #   pissa/olora: B0, A0 from W0's SVD / QR, the base kept and s B0 A0 subtracted in the LoRA
+    #   path; extract() then gives PEFT's converted rank-2r LoRA on the true base (model.py).
     mm = MultiLoraModel(model, target_modules=["q_proj", "v_proj"], specs=specs)
     #   target_modules: PEFT-style suffixes (list) or a regex string (full match on the name).
     #   Replaces every matching nn.Linear / transformers Conv1D *in place* by a MultiLoraLinear

@@ -171,14 +171,16 @@ def _merge(
         width = max(res["rank"] for res in having)
         _info(info, name, having, where)
         out: dict[str, torch.Tensor] = {}
-        for key in (k for k in ref if k not in META_KEYS):
+        keys = list(dict.fromkeys(k for res in having for k in res if k not in META_KEYS))
+        for key in keys:
+            ref = next(res for res in having if key in res)
             parts = []
             for rows, vw in groups:
-                if name in vw:
+                if name in vw and key in vw[name]:
                     t = vw[name][key]  # (g, ...)
                     if key in RANK_KEYS and t.shape[-1] < width:
                         t = F.pad(t, (0, width - t.shape[-1]))
-                else:  # a module this group's LoRAs do not adapt: exact zeros (see docstring)
+                else:  # a module these LoRAs do not adapt (or not with DoRA, for "M"): zeros
                     shape = list(ref[key].shape[1:])
                     if key in RANK_KEYS:
                         shape[-1] = width

@@ -19,6 +19,8 @@ Output (``collate_loras``)::
      "label_mask": {col: bool tensor, True where a value is present},
      "module_info": {name: {"layer", "index_path", "type", "out_features", "in_features"}},
      "modules": {name: {"U": (b, n, r), "V": (b, m, r), "S": (b, r), "W": (b, n, m),
+                        "M": (b, n) DoRA magnitudes (zeros for non-DoRA LoRAs; only in
+                        batches holding a DoRA module),
                         "mask": (b, r) bool, "present": (b,) bool}}}
 
 (only the keys the view produces). Mixed ranks are zero-padded to the batch max; ``mask`` marks
@@ -199,9 +201,14 @@ class _ZooViews:
         all modules in one call (``apply_view_many``: e.g. one batched r x r SVD for all)."""
         idx = tuple(int(i) for i in indices)  # once per group, not once per module
         names, us, vs, ctxs = [], [], [], []
-        for name, (u, v) in fac.items():  # already selected by the decoder  # (g, n, r), (g, m, r)
+        mags: dict[str, torch.Tensor] = {}
+        for name, fu in fac.items():  # already selected by the decoder  # (g, n, r), (g, m, r)
+            u, v = fu[0], fu[1]
             if self.device is not None:
                 u, v = u.to(self.device), v.to(self.device)
+            if len(fu) > 2:  # DoRA: the magnitude (g, out) goes beside whatever the view gives
+                m = fu[2] if self.device is None else fu[2].to(self.device)
+                mags[name] = m if self.dtype is None else m.to(self.dtype)
             template = None
             if self.template_id is not None:
                 tf = self._template_factors()
@@ -235,6 +242,8 @@ class _ZooViews:
                 if k in RANK_KEYS and t.shape[-1] > rank:
                     rank = t.shape[-1]
             res["rank"] = rank
+            if name in mags:
+                res["M"] = mags[name]
             out[name] = res
         return out
 

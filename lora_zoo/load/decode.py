@@ -31,7 +31,7 @@ from lora_zoo.errors import (
     reading,
 )
 from lora_zoo.load.threads import single_threaded
-from lora_zoo.record import PEFT_KEY_RE, cell_config, peft_rank_alpha_scale
+from lora_zoo.record import DORA_KEY_RE, PEFT_KEY_RE, cell_config, peft_rank_alpha_scale
 from lora_zoo.weights import MAX_HEADER_BYTES, parse_header
 
 logger = logging.getLogger(__name__)
@@ -43,7 +43,8 @@ _ST_DTYPES = {
     "BF16": (np.uint16, torch.bfloat16),  # numpy has no bf16: move the bits, reinterpret in torch
 }
 
-Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # name -> (U (.., n, r), V (.., m, r))
+# name -> (U (.., n, r), V (.., m, r)), plus M (.., out) for a DoRA module: its magnitude
+Factors = dict[str, tuple[torch.Tensor, ...]]
 
 # ---- batched safetensors decoding ------------------------------------------------------------
 _Spec = tuple[str, str, int, int, tuple[int, ...]]  # key, dtype, start, end, shape
@@ -347,6 +348,10 @@ def _plan(
     pairs: dict[str, dict[str, _Spec]] = {}
     for spec in specs:
         m = PEFT_KEY_RE.match(spec[0])
+        d = DORA_KEY_RE.match(spec[0]) if m is None else None
+        if d is not None:  # a DoRA magnitude: passed beside the factors, never folded
+            pairs.setdefault(d.group(1), {})["M"] = spec
+            continue
         if m is None:
             raise CorruptFileError("tensor is not a PEFT LoRA factor", file=where[0], key=spec[0])
         pairs.setdefault(m.group(1), {})[m.group(2)] = spec
@@ -386,13 +391,14 @@ def _decode_group(
             mats, base, lay, pairs, chosen, config, fold_scale, validate, where, views_ok=own
         )
         if fast is not None:
-            return fast
+            return _with_magnitudes(fast, pairs, chosen, mats, base, validate, where)
     mat = mats[0] if len(mats) == 1 else np.concatenate(mats)  # (g, L)
     out: Factors = {}
     for name in chosen:
         ab = pairs[name]
-        if set(ab) != {"A", "B"}:
-            raise MissingPairError(f"lora_{'AB'['A' in ab]} missing", file=where[0], key=name)
+        if not {"A", "B"} <= set(ab):
+            what = "lora_A / lora_B" if "M" in ab and len(ab) == 1 else f"lora_{'AB'['A' in ab]}"
+            raise MissingPairError(f"{what} missing", file=where[0], key=name)
         scale = peft_rank_alpha_scale(config, name)[2] if fold_scale else 1.0
         root, sign = math.sqrt(abs(scale)), (-1.0 if scale < 0 else 1.0)
         a = _read_tensor(mat, base, ab["A"], root, validate, where)  # (g, r, in[, kh, kw])
@@ -403,6 +409,35 @@ def _decode_group(
                 f"A {tuple(a.shape[1:])} vs B {tuple(b.shape[1:])}", file=where[0], key=name
             )
         out[name] = (b.reshape(g, b.shape[1], r), a.reshape(g, r, -1).transpose(1, 2))
+    return _with_magnitudes(out, pairs, chosen, [mat], base, validate, where)
+
+
+def _with_magnitudes(
+    out: Factors,
+    pairs: dict[str, dict[str, _Spec]],
+    chosen: list[str],
+    mats: list[np.ndarray],
+    base: int,
+    validate: bool,
+    where: Sequence[str],
+) -> Factors:
+    """Append each DoRA module's magnitude (g, out), as stored (no scale fold: it is the
+    invariant per-row feature beside the factors, docs/FORMAT.md)."""
+    dora = [n for n in chosen if "M" in pairs[n]]
+    if not dora:
+        return out
+    mat = mats[0] if len(mats) == 1 else np.concatenate(mats)  # (g, L)
+    for name in dora:
+        m = _read_tensor(mat, base, pairs[name]["M"], 1.0, validate, list(where))
+        m = m.reshape(m.shape[0], -1)  # (g, out): (out,) and conv's (1, out, 1, 1) alike
+        if m.shape[1] != out[name][0].shape[1]:
+            raise ShapeMismatchError(
+                f"DoRA magnitude has {m.shape[1]} entries but B has {out[name][0].shape[1]} "
+                "output features",
+                file=where[0],
+                key=name,
+            )
+        out[name] = (*out[name][:2], m)
     return out
 
 
@@ -436,7 +471,7 @@ def _in_place_plan(
     end = max((sp[3] for sp in specs), default=0)
     ok = (
         specs
-        and all(set(ab) == {"A", "B"} for ab in pairs.values())  # else the copy path names it
+        and all({"A", "B"} <= set(ab) for ab in pairs.values())  # else the copy path names it
         and len(dts) == 1
         and sum(sp[3] - sp[2] for sp in specs) == end
     )

@@ -381,3 +381,53 @@ def test_acc_and_acc_norm_equal_lm_evaluation_harness_on_the_same_questions(tmp_
             acc_norm.append(res["acc_norm"])
         assert ours[k]["acc"] == pytest.approx(sum(acc) / len(acc), abs=1e-12)
         assert ours[k]["acc_norm"] == pytest.approx(sum(acc_norm) / len(acc_norm), abs=1e-12)
+
+
+@pytest.mark.slow  # a full 4-LoRA build + pack (about 40 s on the shared 2-core box)
+def test_variant_hparam_builds_each_variant(tmp_path):
+    """``vary: variant`` reaches the engine and the zoo: rsLoRA's scale, DoRA's magnitudes,
+    PiSSA's converted rank-2r LoRA (ΔW on the true base), and hp.* says which is which."""
+    import math
+
+    from lora_zoo import load_zoo
+    from lora_zoo.build.runner import build
+
+    over = [
+        TINY_BASE,
+        "num_loras=4",
+        "vary={variant: {kind: cycle, values: [plain, rslora, dora, pissa]}}",
+        "lora.target_modules=[q_proj, v_proj]",
+        "train.k=4",
+        "train.steps=3",
+        "train.batch_size=4",
+        "data.n_examples=60",
+        "eval.max_examples=8",
+        "output.split={kind: none}",
+    ]
+    res = build("recipes/variants-quickstart.yaml", tmp_path / "z", overrides=over, progress=False)
+    assert res.counts == {"done": 4, "failed": 0, "pending": 0}
+    sp = load_zoo(tmp_path / "z")["train"]
+    rows = {sp.row(i)["hp.variant"]: (sp.row(i), sp.record(i)) for i in range(4)}
+    assert set(rows) == {"plain", "rslora", "dora", "pissa"}
+    r4 = rows["plain"][0]["hp.r"]
+    for variant, (row, rec) in rows.items():
+        assert row["hp.use_rslora"] == (variant == "rslora")
+        assert row["hp.use_dora"] == rec.is_dora == (variant == "dora")
+        assert row["hp.init"] == ("pissa" if variant == "pissa" else "default")
+        m = next(iter(rec.modules.values()))
+        assert m.rank == (2 * r4 if variant == "pissa" else r4) == rec.config["r"]
+        want = 8 / math.sqrt(r4) if variant == "rslora" else 8 / r4  # alpha 8 in the recipe
+        assert m.scale == pytest.approx(want)
+    # PiSSA starts from W0's top singular pair: its stored ΔW = s (B A - B0 A0) is small after
+    # 3 steps while B A itself is not (a plain LoRA's B starts at 0 instead)
+    pissa = rows["pissa"][1].modules
+    for m in pissa.values():
+        r = m.rank // 2
+        full = m.scale * m.B[:, :r] @ m.A[:r]
+        assert float(m.delta_w().norm()) < 0.5 * float(full.norm())
+    # the pack-time option adds the spectral columns (lora-zoo pack --analyze)
+    from lora_zoo.cli import main
+
+    assert main(["pack", str(tmp_path / "z"), "--out", str(tmp_path / "p"), "--analyze"]) == 0
+    packed = load_zoo(tmp_path / "p", verify=True)["train"]
+    assert "spectral.top_sv.mean" in packed.label_columns and len(packed) == 4

@@ -13,7 +13,6 @@ from lora_zoo.errors import (
     NonFiniteError,
     ShapeMismatchError,
     UnknownLayoutError,
-    UnsupportedVariantError,
 )
 from lora_zoo.record import LoraModule, LoraRecord, peft_rank_alpha_scale
 
@@ -82,7 +81,7 @@ def test_bad_inputs_raise_named_errors():
     assert ei.value.file == "f.safetensors"
     with pytest.raises(UnknownLayoutError):
         LoraRecord.from_peft_state_dict({"foo.weight": torch.zeros(2)}, {})
-    with pytest.raises(UnsupportedVariantError, match="use_dora"):
+    with pytest.raises(MissingPairError, match="use_dora=True but this module lacks"):
         LoraRecord.from_peft_state_dict(state, {**rec.config, "use_dora": True})
     with pytest.raises(CorruptFileError, match="truncated"):
         LoraRecord.from_safetensors_bytes(rec.to_safetensors_bytes()[:-10], file="t.safetensors")

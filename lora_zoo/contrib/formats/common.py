@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from lora_zoo.errors import ShapeMismatchError
+from lora_zoo.errors import ShapeMismatchError, UnsupportedVariantError
 from lora_zoo.record import LoraModule, LoraRecord, pattern_key, peft_rank_alpha_scale
 
 _REL = 1e-6
@@ -109,7 +109,52 @@ def peft_config_for(
     if not _targets_cover(cfg.get("target_modules"), names):
         cfg["target_modules"] = sorted(names)
     cfg["fan_in_fan_out"] = any(m.fan_in_fan_out for m in record.modules.values())
+    if record.is_dora or "use_dora" in cfg:  # the magnitudes decide, not a stale config flag
+        cfg["use_dora"] = record.is_dora
     return cfg
+
+
+# tensor-name markers of the variants kohya / LyCORIS / diffusers files carry, and what each is
+_EXTRACT = (
+    "lora-zoo stores plain LoRA (and PEFT DoRA) factors only (docs/FORMAT.md, 'LyCORIS and "
+    "other variants'); merge it into its base model and extract a plain LoRA of the rank you "
+    "choose from the weight difference (e.g. kohya sd-scripts' networks/extract_lora_from_"
+    "models.py), then ingest that"
+)
+VARIANT_MARKERS: dict[str, tuple[str, str]] = {
+    "hada_": ("LyCORIS LoHa (ΔW = (B1 A1) ⊙ (B2 A2), Hadamard product)", _EXTRACT),
+    "lokr_": ("LyCORIS LoKr (ΔW = W1 ⊗ (B2 A2), Kronecker product)", _EXTRACT),
+    "lora_mid": ("LyCORIS LoCon with Tucker decomposition (lora_mid)", _EXTRACT),
+    "oft_": ("OFT / BOFT (orthogonal finetuning)", _EXTRACT),
+    ".diff": ("LyCORIS full-weight difference (.diff)", _EXTRACT),
+    "dora_scale": (
+        "DoRA in kohya / LyCORIS layout (dora_scale)",
+        "its magnitude axis (per input or per output feature) depends on the trainer's "
+        "settings, which the file does not record; re-save it in PEFT's layout "
+        "(lora_magnitude_vector per output feature, use_dora: true) and ingest that folder",
+    ),
+}
+
+
+def refuse_variant(key: str, *, file: Any = None) -> None:
+    """Raise ``UnsupportedVariantError`` naming the variant a tensor name belongs to and what a
+    user can do, if it belongs to one; return otherwise."""
+    for marker, (what, todo) in VARIANT_MARKERS.items():
+        if marker in key:
+            raise UnsupportedVariantError(f"{what} is not stored: {todo}", file=file, key=key)
+
+
+def refuse_dora(record: LoraRecord, fmt: str, *, file: Any = None) -> None:
+    """Formats without a DoRA layout PEFT reads back exactly must not drop the magnitudes
+    silently (the adapter would load as a different plain LoRA)."""
+    dora = [n for n, m in record.modules.items() if m.is_dora]
+    if dora:
+        raise UnsupportedVariantError(
+            f"DoRA adapter ({len(dora)} module(s) carry a magnitude vector): the {fmt} writer has "
+            "no DoRA layout PEFT loads back exactly; export it with --format peft",
+            file=file,
+            key=dora[0],
+        )
 
 
 def delta_shape(m: LoraModule) -> tuple[int, ...]:

@@ -25,7 +25,13 @@ import torch
 from safetensors.torch import save as st_save
 
 from lora_zoo._io import natural_key
-from lora_zoo.contrib.formats.common import config_reproduces, module_from_factors, peft_config_for
+from lora_zoo.contrib.formats.common import (
+    config_reproduces,
+    module_from_factors,
+    peft_config_for,
+    refuse_dora,
+    refuse_variant,
+)
 from lora_zoo.contrib.formats.files import read_tensor_file
 from lora_zoo.contrib.formats.naming import UNET, canonical, old_diffusers_path, split_component
 from lora_zoo.contrib.formats.registry import AdapterFormat, register_format
@@ -99,8 +105,15 @@ def from_state_dict(
     factors: dict[tuple[str, str], dict[str, tuple[str, torch.Tensor]]] = {}
     alphas: dict[tuple[str, str], float] = {}
     for key, t in state.items():
-        if "dora_scale" in key or "lora_magnitude_vector" in key:
-            raise UnsupportedVariantError("DoRA magnitudes are not supported", file=file, key=key)
+        if "lora_magnitude_vector" in key:
+            raise UnsupportedVariantError(
+                "DoRA in a diffusers pipeline file: lora-zoo reads DoRA from PEFT adapter "
+                "folders (one model, adapter_config.json with use_dora: true); save the adapted "
+                "model's adapter with PEFT's save_pretrained and ingest that folder",
+                file=file,
+                key=key,
+            )
+        refuse_variant(key, file=file)
         m = _ALPHA.match(key)
         if m:
             comp = m.group(1) or UNET
@@ -180,6 +193,7 @@ def read(
 
 
 def to_state_dict(record: LoraRecord) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    refuse_dora(record, "diffusers", file=record.lora_id)
     by_comp: dict[str, dict[str, LoraModule]] = {}
     for name, m in record.modules.items():
         comp, path = split_component(name)

@@ -21,7 +21,13 @@ import torch
 from safetensors.torch import save as st_save
 
 from lora_zoo._io import natural_key
-from lora_zoo.contrib.formats.common import config_reproduces, module_from_factors, peft_config_for
+from lora_zoo.contrib.formats.common import (
+    config_reproduces,
+    module_from_factors,
+    peft_config_for,
+    refuse_dora,
+    refuse_variant,
+)
 from lora_zoo.contrib.formats.files import read_tensor_file
 from lora_zoo.contrib.formats.naming import kohya_name, kohya_to_canonical, split_component
 from lora_zoo.contrib.formats.registry import AdapterFormat, register_format
@@ -30,7 +36,6 @@ from lora_zoo.errors import (
     MissingPairError,
     NonFiniteError,
     UnknownLayoutError,
-    UnsupportedVariantError,
 )
 from lora_zoo.record import LoraModule, LoraRecord, peft_rank_alpha_scale
 
@@ -39,7 +44,6 @@ log = logging.getLogger(__name__)
 NAME = "kohya"
 _PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 _SUFFIX = {".lora_down.weight": "A", ".lora_up.weight": "B", ".alpha": "alpha"}
-_VARIANTS = ("hada_", "lokr_", "lora_mid", "dora_scale", ".diff", "oft_")
 NAMES_KEY = "lora_zoo.names"
 CONFIG_KEY = "lora_zoo.config"
 
@@ -55,12 +59,7 @@ def _group_keys(
     """kohya name -> {"A" | "B" | "alpha": (key, tensor)}; any other key is refused by name."""
     parts: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     for key, t in state.items():
-        if any(v in key for v in _VARIANTS):
-            raise UnsupportedVariantError(
-                "LyCORIS / DoRA variant tensors (LoHa, LoKr, Tucker mid, DoRA) are not plain LoRA",
-                file=file,
-                key=key,
-            )
+        refuse_variant(key, file=file)  # LoHa, LoKr, Tucker, OFT, diff, kohya DoRA: by name
         lora_name, which = None, None
         for suffix, w in _SUFFIX.items():
             if key.endswith(suffix):
@@ -176,6 +175,7 @@ def read(
 def to_state_dict(record: LoraRecord) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """kohya has no rsLoRA: the stored alpha is scale * rank, which equals the original alpha
     for plain LoRA and keeps the weights exact otherwise."""
+    refuse_dora(record, "kohya", file=record.lora_id)
     state: dict[str, torch.Tensor] = {}
     names: dict[str, str] = {}
     for name, m in record.modules.items():

@@ -117,6 +117,10 @@ class FlatMLP(LolModel):
     ``"dense"``: ΔW itself: **GL(r)-invariant**, but n*m inputs per module, so it refuses zoos
     whose modules total more than ``DENSE_MAX`` entries. The per-feature standardisation is a
     fixed affine map of the view, so it keeps the view's symmetry.
+
+    ``magnitude=True`` (``--hparams '{"mlp": {"magnitude": true}}'``) also feeds each module's
+    DoRA magnitude ``M`` (out,) from the batch (zeros for LoRAs without DoRA): an invariant
+    feature beside the factors (docs/FORMAT.md), so every view keeps its symmetry.
     """
 
     def __init__(
@@ -128,9 +132,11 @@ class FlatMLP(LolModel):
         hidden: int | None = None,
         depth: int = 2,
         dropout: float = 0.0,
+        magnitude: bool = False,
     ) -> None:
         super().__init__(specs)
         self.view = view
+        self.magnitude = bool(magnitude)
         hidden = hidden or (32 if view == "dense" else 128)  # dense: d_in is n*m per module
         if view == "dense":
             total = sum(s.out_features * s.in_features for s in self.specs)
@@ -146,6 +152,9 @@ class FlatMLP(LolModel):
         self.net = mlp(d, hidden, out_dim, depth, dropout)
 
     def _width(self, s: ModuleSpec) -> int:
+        return self._view_width(s) + (s.out_features if self.magnitude else 0)
+
+    def _view_width(self, s: ModuleSpec) -> int:
         if self.view == "dense":
             return s.out_features * s.in_features
         if self.view == "svals":
@@ -169,6 +178,11 @@ class FlatMLP(LolModel):
             else:
                 u, v = _pad(mod["U"], s.rank), _pad(mod["V"], s.rank)  # (b, n, r), (b, m, r)
                 parts += [u.reshape(b, -1), v.reshape(b, -1)]
+            if self.magnitude and mod is not None:  # (b, out); zeros: no DoRA in this batch
+                m = mod.get("M")
+                parts.append(
+                    m.to(some_t.dtype) if m is not None else some_t.new_zeros(b, s.out_features)
+                )
         parts.append(self._present(modules, b, dev).to(some_t.dtype))
         return torch.cat(parts, 1)
 

@@ -80,3 +80,39 @@ def test_no_labels_no_label_plot(tmp_path):
     w.close()
     made = make_plots(load_zoo(tmp_path / "z"), tmp_path / "p")
     assert "labels" not in made and "spectra" in made
+
+
+def test_spectral_plot_groups_by_varied_hparams_and_card_lists_variants(tmp_path):
+    """After ``analyze``, the card has a spectral.png grouped by the varied hp.* columns (one
+    row of panels per hyperparameter) and a variants table counting DoRA / rsLoRA / init."""
+    from PIL import Image
+
+    from lora_zoo.cards import write_card
+    from lora_zoo.load.spectra import analyze_zoo
+    from lora_zoo.record import LoraModule, LoraRecord
+    from lora_zoo.zoo.writer import ZooWriter
+    from tests.fixtures.zoos import make_record
+
+    with ZooWriter(tmp_path / "z") as w:
+        for i in range(8):
+            rec = make_record(i, 2 + 2 * (i % 2))
+            variant = ("plain", "dora")[(i // 2) % 2]
+            if variant == "dora":
+                mods = {
+                    n: LoraModule(m.A, m.B, m.alpha, m.scale, magnitude=torch.ones(m.out_features))
+                    for n, m in rec.modules.items()
+                }
+                rec = LoraRecord(mods, {**rec.config, "use_dora": True})
+            hp = {"variant": variant, "r": rec.config["r"], "init": "default"}
+            w.add(rec, lora_id=f"l{i}", metadata={"hp": hp})
+    analyze_zoo(tmp_path / "z", progress=False)
+    card = write_card(tmp_path / "z")
+    text = card.read_text()
+    assert "| DoRA | no | default | 4 |" in text and "| LoRA | no | default | 4 |" in text
+    assert "plots/spectral.png" in text and "spectral.top_sv.mean" not in _label_panels(text)
+    img = Image.open(tmp_path / "z" / "plots" / "spectral.png")
+    assert img.height > 1.5 * 400  # two rows of panels: by hp.r and by hp.variant
+
+
+def _label_panels(text: str) -> str:
+    return text.split("## Label statistics", 1)[0].split("## LoRA variants", 1)[-1]
