@@ -52,6 +52,8 @@ from lora_zoo.lol.models import (
     specs_from_batch,
 )
 from lora_zoo.lol.models.baseline import baseline_predict
+from lora_zoo.lol.presets import get_preset, preset_for_task
+from lora_zoo.lol.transfer import check_targets, match_modules
 from lora_zoo.seeding import sub_seed
 
 logger = logging.getLogger(__name__)
@@ -286,12 +288,13 @@ def predict(model: LolModel, task: Task, modules: dict[str, Any]) -> np.ndarray:
     return (out * torch.tensor(task.std) + torch.tensor(task.mean)).numpy()
 
 
-def score(task: Task, y: torch.Tensor, pred: np.ndarray) -> dict[str, Any]:
+def score(task: Task, y: torch.Tensor | np.ndarray, pred: np.ndarray) -> dict[str, Any]:
+    yn = y.numpy() if isinstance(y, torch.Tensor) else y
     if task.kind == "binary":
-        return M.classification_metrics(y.numpy(), pred, task.columns)
+        return M.classification_metrics(yn, pred, task.columns)
     if task.kind == "multiclass":
-        return M.multiclass_metrics(y.numpy(), pred, task.classes)
-    return M.regression_metrics(y.numpy(), pred, task.columns)
+        return M.multiclass_metrics(yn, pred, task.classes)
+    return M.regression_metrics(yn, pred, task.columns)
 
 
 # ---- the harness -------------------------------------------------------------------------------
@@ -350,6 +353,8 @@ class _Bench:
     progress: bool
     split_seed: int
     cache: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    test_zoo: Any = None  # --test-zoo: test on this zoo's test split instead (transfer)
+    n_boot: int = 1000
     task: Task | None = None
     carve: dict[str, Any] = field(default_factory=dict)
     fit_idx: torch.Tensor | None = None
@@ -361,9 +366,12 @@ class _Bench:
     def data(self, view: str) -> dict[str, dict[str, Any]]:
         """The train and test splits as one collated batch of ``view`` each (cached)."""
         if view not in self.cache:
-            self.cache[view] = {
-                s: load_view(self.zoo[s], view, self.columns, self.dev) for s in ("train", "test")
-            }
+            train = load_view(self.zoo["train"], view, self.columns, self.dev)
+            test_zoo = self.zoo if self.test_zoo is None else self.test_zoo
+            test = load_view(test_zoo["test"], view, self.columns, self.dev)
+            if self.test_zoo is not None:
+                test = match_modules(train, test, str(getattr(test_zoo, "source", "")))
+            self.cache[view] = {"train": train, "test": test}
         return self.cache[view]
 
 
@@ -413,27 +421,66 @@ def _prepare_task(b: _Bench, runs: Sequence[tuple[str, str, bool]]) -> None:
     b.task = task
 
 
+@dataclass(frozen=True)
+class _Variant:
+    """What one run trains on besides the model: a subset of the fit rows (learning curves)
+    and the matched-noise control (train-split labels permuted per seed)."""
+
+    fraction: float = 1.0
+    control: str = ""  # "" | "permuted_labels"
+
+
+def _fit_rows(b: _Bench, fraction: float) -> torch.Tensor:
+    """The first ``fraction`` of a seeded permutation of the fit rows: nested across fractions,
+    so a bigger training set always contains the smaller one (a curve, not resamples)."""
+    assert b.fit_idx is not None
+    if fraction >= 1.0:
+        return b.fit_idx
+    gen = torch.Generator().manual_seed(sub_seed(b.split_seed, "learning_curve", bits=31))
+    order = torch.randperm(len(b.fit_idx), generator=gen)
+    k = max(2, round(fraction * len(b.fit_idx)))
+    return b.fit_idx[order[:k]].sort().values
+
+
+def _train_labels(b: _Bench, var: _Variant, seed: int) -> torch.Tensor:
+    """The train split's labels, or (control) the same labels permuted across its rows: the
+    weights no longer tell the labels, yet their marginal, the split size and every model
+    choice stay, so the control's score is what chance looks like on this zoo."""
+    assert b.y_train is not None
+    if var.control != "permuted_labels":
+        return b.y_train
+    gen = torch.Generator().manual_seed(sub_seed(seed, "permute_labels", bits=31))
+    return b.y_train[torch.randperm(len(b.y_train), generator=gen)]
+
+
 def _fit_one_seed(
-    b: _Bench, info: LolModelInfo, view: str, aug: bool, seed: int, hp: dict[str, Any]
+    b: _Bench,
+    info: LolModelInfo,
+    view: str,
+    aug: bool,
+    seed: int,
+    hp: dict[str, Any],
+    var: _Variant = _Variant(),
 ) -> tuple[np.ndarray, dict[str, Any], LolModel | None]:
     """One seed of one run: (test predictions, training info, the trained model or None)."""
-    assert b.task is not None and b.y_train is not None and b.y_test is not None
+    assert b.task is not None and b.y_test is not None and b.val_idx is not None
+    fit_idx, y_train = _fit_rows(b, var.fraction), _train_labels(b, var, seed)
     if not info.reads_weights:
         assert info.fit_predict is not None
-        return info.fit_predict(b.task, b.y_train[b.fit_idx], len(b.y_test)), {}, None
+        return info.fit_predict(b.task, y_train[fit_idx], len(b.y_test)), {}, None
     label = f"{view}+gl_augment" if aug else view
     d = b.data(info.loader_view(view))
     xm_all = d["train"]["modules"]
     torch.manual_seed(seed)
     specs = specs_from_batch(d["train"])
     model = make_model(info.name, view, specs, b.task.out_dim, **hp).to(b.dev)
-    fit_m = take(xm_all, b.fit_idx)
+    fit_m = take(xm_all, fit_idx)
     model.calibrate(fit_m)
     train_info = train_model(
         model,
         b.task,
-        (fit_m, b.y_train[b.fit_idx]),
-        (take(xm_all, b.val_idx), b.y_train[b.val_idx]),
+        (fit_m, y_train[fit_idx]),
+        (take(xm_all, b.val_idx), y_train[b.val_idx]),
         b.cfg,
         seed,
         gl_augment=aug,
@@ -444,24 +491,45 @@ def _fit_one_seed(
 
 
 def _run_one(
-    b: _Bench, name: str, view: str, aug: bool, repeats: int, hp: dict[str, Any]
+    b: _Bench,
+    name: str,
+    view: str,
+    aug: bool,
+    repeats: int,
+    hp: dict[str, Any],
+    var: _Variant = _Variant(),
 ) -> dict[str, Any]:
-    """Every seed of one (model, view, augment) run, summarised as one results entry."""
+    """Every seed of one (model, view, augment) run, summarised as one results entry (seed
+    mean ± std, and the bootstrap interval over test LoRAs)."""
     assert b.task is not None and b.y_test is not None
     info = model_info(name)
     label = f"{view}+gl_augment" if aug else view
-    per_seed, preds0, model = [], None, None
+    per_seed, preds, model = [], [], None
     t0 = time.perf_counter()
     for rep in range(repeats):
         seed = sub_seed(b.split_seed, "bench", f"repeat{rep}", bits=31)
-        pred, train_info, model = _fit_one_seed(b, info, view, aug, seed, hp)
-        preds0 = pred if preds0 is None else preds0
+        pred, train_info, model = _fit_one_seed(b, info, view, aug, seed, hp, var)
+        preds.append(pred)
         per_seed.append({"seed": seed, "metrics": score(b.task, b.y_test, pred), **train_info})
     summary = _summary([p["metrics"] for p in per_seed])
-    logger.info("bench %s/%s: %s", name, label, _short(summary, PRIMARY[b.task.kind]))
+    if b.n_boot:
+        ci = M.bootstrap_ci(
+            lambda y, p: score(b.task, y, p),  # type: ignore[arg-type]
+            b.y_test.numpy(),
+            preds,
+            sub_seed(b.split_seed, "bootstrap", bits=31),
+            n_boot=b.n_boot,
+        )
+        for k, lohi in ci.items():
+            summary[k]["ci95"] = lohi  # type: ignore[assignment]
+    logger.info(
+        "bench %s/%s%s: %s", name, label, var.control, _short(summary, PRIMARY[b.task.kind])
+    )
     return {
         "model": name,
         "view": label,
+        "control": var.control,
+        "n_fit": len(_fit_rows(b, var.fraction)),
         "invariance": info.symmetry[view],
         "hparams": hp if model is None else _hparams(model, hp),
         "train": {**asdict(b.cfg), "gl_augment": aug} if info.reads_weights else {},
@@ -469,7 +537,7 @@ def _run_one(
         "per_seed": per_seed,
         "summary": summary,
         "time_s": round(time.perf_counter() - t0, 2),
-        "predictions": _predictions(b.test_ids, b.y_test, preds0, b.task),
+        "predictions": _predictions(b.test_ids, b.y_test, preds[0] if preds else None, b.task),
     }
 
 
@@ -527,20 +595,107 @@ def run_bench(
     write: bool = True,
     progress: bool = True,
     split_seed: int = 0,
+    preset: str | None = None,
+    controls: bool = True,
+    train_sizes: Sequence[float] | None = None,
+    test_zoo: Any = None,
+    bootstrap: int = 1000,
 ) -> dict[str, Any]:
     """Run the benchmark; returns the results dict (also written to ``bench/results.json`` of a
-    local zoo when ``write``, and to ``json_path``)."""
+    local zoo when ``write``, and to ``json_path``).
+
+    GL-net runs at the preset ``preset`` names (``lora_zoo.lol.presets``), or at the one the
+    task calls for when None; ``hparams`` keys win over the preset's. ``controls``: also the
+    matched-noise control (``_train_labels``). ``train_sizes``: fractions of the fit rows for
+    the learning curves. ``test_zoo``: test on that zoo's test split (``lol.transfer``).
+    ``bootstrap``: resamples of the test LoRAs for the 95 % intervals (0: none)."""
     cfg = train or TrainConfig()
+    if preset is not None:
+        get_preset(preset)  # refuse a bad name before any work
+    sizes = _check_sizes(train_sizes)
     b = _open_bench(zoo_or_path, target, device, cfg, progress=progress, split_seed=split_seed)
+    b.n_boot = bootstrap
+    if test_zoo is not None:
+        b.test_zoo = _open_other(test_zoo)
+        check_targets(b.zoo, b.test_zoo, b.columns)
     runs = plan_runs(models, views, gl_augment)
     t_start = time.perf_counter()
     _prepare_task(b, runs)
-    out_runs = [
-        _run_one(b, m, v, aug, repeats, dict((hparams or {}).get(m, {}))) for m, v, aug in runs
-    ]
+    assert b.task is not None
+    chosen = get_preset(preset or preset_for_task(b.task.kind, b.columns))
+    hps = {m: dict((hparams or {}).get(m, {})) for m, _, _ in runs}
+    if "glnet" in hps:
+        hps["glnet"] = {**chosen.model, **hps["glnet"]}
+    out_runs = [_run_one(b, m, v, aug, repeats, hps[m]) for m, v, aug in runs]
+    ctl = _control_run(runs) if controls else None
+    if ctl is not None:
+        m, v, aug = ctl
+        out_runs.append(
+            _run_one(b, m, v, aug, repeats, hps[m], _Variant(control="permuted_labels"))
+        )
     res = _results(b, target, repeats, out_runs, t_start)
+    res["glnet_preset"] = {
+        "name": chosen.name,
+        "chosen_by": "--preset" if preset else "task",
+        "mirrors": chosen.mirrors,
+    }
+    if sizes:
+        res["curves"] = _curves(b, runs, out_runs, sizes, repeats, hps)
+    if b.test_zoo is not None:
+        res["test_zoo"] = str(getattr(b.test_zoo, "source", test_zoo))
+    res["time_s"] = round(time.perf_counter() - t_start, 1)
     _write_results(res, b.zoo, write, json_path)
     return res
+
+
+def _check_sizes(sizes: Sequence[float] | None) -> list[float]:
+    """The learning-curve fractions, sorted, each in (0, 1]; 1 is always a point."""
+    if not sizes:
+        return []
+    bad = [f for f in sizes if not 0 < f <= 1]
+    if bad:
+        raise SelectionError(
+            f"--train-sizes are fractions of the fit rows in (0, 1], got {bad}", key="train_sizes"
+        )
+    return sorted({float(f) for f in sizes} | {1.0})
+
+
+def _open_other(zoo_or_path: Any) -> Any:
+    from lora_zoo.load.source import load_zoo
+
+    if isinstance(zoo_or_path, (str, os.PathLike)):
+        return load_zoo(str(zoo_or_path))
+    return zoo_or_path
+
+
+def _control_run(runs: Sequence[tuple[str, str, bool]]) -> tuple[str, str, bool] | None:
+    """The run the matched-noise control repeats: GL-net's when it runs (the bench's main
+    invariant model), else the first weight-reading run; None when only the baseline runs."""
+    weighted = [r for r in runs if model_info(r[0]).reads_weights and not r[2]]
+    return next((r for r in weighted if r[0] == "glnet"), weighted[0] if weighted else None)
+
+
+def _curves(
+    b: _Bench,
+    runs: Sequence[tuple[str, str, bool]],
+    full: Sequence[dict[str, Any]],
+    sizes: Sequence[float],
+    repeats: int,
+    hps: dict[str, dict[str, Any]],
+) -> list[dict[str, Any]]:
+    """Primary test metric against the number of training LoRAs, per run: "how many LoRAs
+    does this task need". The full-size point is the main run's; validation and test rows stay
+    the same at every size, so only the training set changes along a curve."""
+    assert b.task is not None
+    prim = PRIMARY[b.task.kind]
+    out = []
+    for (m, v, aug), main in zip(runs, full):
+        points = []
+        for f in sizes:
+            r = main if f >= 1.0 else _run_one(b, m, v, aug, repeats, hps[m], _Variant(f))
+            points.append({"fraction": f, "n_fit": r["n_fit"], **r["summary"][prim]})
+        out.append({"model": m, "view": main["view"], "metric": prim, "points": points})
+    return out
 
 
 def _hparams(model: LolModel, given: dict[str, Any]) -> dict[str, Any]:
@@ -610,9 +765,23 @@ def _jsonable(x: Any) -> Any:
     return str(x)
 
 
+def run_label(r: dict[str, Any]) -> str:
+    """A results entry's model name as tables show it: the baseline as the label-mean /
+    majority model it is, the matched-noise control marked."""
+    if r["model"] == "baseline":
+        return "baseline (label mean/majority)"
+    return f"{r['model']} (permuted labels)" if r.get("control") else r["model"]
+
+
+def ci_text(summary: dict[str, Any], metric: str) -> str:
+    lohi = summary.get(metric, {}).get("ci95")
+    return f"[{lohi[0]:.2f}, {lohi[1]:.2f}]" if lohi else "-"
+
+
 def format_table(res: dict[str, Any]) -> str:
-    """The results table: model, view, symmetry, metrics mean ± std, and the primary metric's
-    difference to the baseline."""
+    """The results table: model, view, symmetry, metrics mean ± seed std, the primary metric's
+    95 % bootstrap interval over test LoRAs, and its difference to the baseline; then the
+    learning curves when measured."""
     kind = res["task"]
     metrics = {
         "binary": ["accuracy", "auroc"],
@@ -623,14 +792,15 @@ def format_table(res: dict[str, Any]) -> str:
     base = next((r for r in res["runs"] if r["model"] == "baseline"), None)
     b = base["summary"][prim]["mean"] if base else math.nan
     head = (
-        f"{'model':<12}{'view':<22}{'symmetry':<10}"
+        f"{'model':<32}{'view':<22}{'symmetry':<10}"
         + "".join(f"{m:>18}" for m in metrics)
-        + f"{'vs baseline':>14}"
+        + f"{prim + ' 95% CI':>20}{'vs baseline':>14}"
     )
+    test_on = f"; tested on {res['test_zoo']}" if res.get("test_zoo") else ""
     lines = [
         f"target {res['target']} ({kind}, {len(res['columns'])} label(s)); fit/valid/test "
         f"{res['n']['fit']}/{res['n']['valid']}/{res['n']['test']} LoRAs; {res['repeats']} seeds; "
-        f"validation carved {res['validation']['kind']}",
+        f"validation carved {res['validation']['kind']}{test_on}",
         head,
         "-" * len(head),
     ]
@@ -639,8 +809,23 @@ def format_table(res: dict[str, Any]) -> str:
             f"{r['summary'][m]['mean']:>11.3f} ±{r['summary'][m]['std']:>5.3f}" for m in metrics
         )
         d = r["summary"][prim]["mean"] - b
-        lines.append(f"{r['model']:<12}{r['view']:<22}{r['invariance']:<10}{cells}{d:>+14.3f}")
+        lines.append(
+            f"{run_label(r):<32}{r['view']:<22}{r['invariance']:<10}{cells}"
+            f"{ci_text(r['summary'], prim):>20}{d:>+14.3f}"
+        )
+    lines += _curve_lines(res)
     return "\n".join(lines)
+
+
+def _curve_lines(res: dict[str, Any]) -> list[str]:
+    """Learning curves as text: one line per run, primary metric at each training size."""
+    if not res.get("curves"):
+        return []
+    out = [f"\nlearning curves ({res['primary_metric']} vs training LoRAs):"]
+    for c in res["curves"]:
+        pts = "  ".join(f"{p['n_fit']}: {p['mean']:.3f}" for p in c["points"])
+        out.append(f"  {c['model'] + '/' + c['view']:<30}{pts}")
+    return out
 
 
 __all__ = [

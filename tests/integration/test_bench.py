@@ -133,8 +133,12 @@ def test_bench_cli_prints_stores_and_reruns(small_zoo, capsys):
     assert res["n"]["fit"] + res["n"]["valid"] == 18
     runs = {(r["model"], r["view"]) for r in res["runs"]}
     assert runs == {("baseline", "-"), ("mlp", "factors"), ("mlp", "svals"), ("glnet", "factors")}
+    from lora_zoo.seeding import sub_seed
+
+    # each repeat's seed is a named sub-stream of the split seed (0 here), never split_seed + rep
+    want_seeds = [sub_seed(0, "bench", f"repeat{rep}", bits=31) for rep in range(2)]
     for r in res["runs"]:
-        assert r["seeds"] == [0, 1] and len(r["per_seed"]) == 2
+        assert r["seeds"] == want_seeds and len(r["per_seed"]) == 2
         assert {"r2", "kendall_tau", "spearman"} <= set(r["summary"])
         if r["model"] != "baseline":
             assert r["hparams"]["parameters"] > 0 and r["train"]["max_epochs"] == 15

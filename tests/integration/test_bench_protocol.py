@@ -1,0 +1,71 @@
+"""``lora-zoo bench`` as a protocol on a small real zoo: the GL-net preset the task calls for,
+the matched-noise control and bootstrap intervals in every table, learning curves, and
+``--test-zoo`` transfer onto a twin zoo (same modules, other weights)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lora_zoo.cli import main
+from lora_zoo.errors import SelectionError
+from lora_zoo.lol.bench import run_bench
+
+
+@pytest.fixture(scope="module")
+def twins(tmp_path_factory):
+    from tests.fixtures.zoos import make_zoo
+
+    root = tmp_path_factory.mktemp("twins")
+    split = {"train": 0.75, "test": 0.25}
+    return make_zoo(root / "a", n=24, splits=split), make_zoo(
+        root / "b", n=16, splits=split, seed=1
+    )
+
+
+def test_bench_protocol_preset_control_ci_curves_transfer(twins, capsys):
+    a, b = twins
+    args = [
+        "bench", str(a), "--target", "is_even", "--models", "baseline", "glnet",
+        "--repeats", "2", "--epochs", "4", "--no-progress", "--train-sizes", "0.5,1",
+        "--test-zoo", str(b), "--bootstrap", "200",
+    ]  # fmt: skip
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "glnet (permuted labels)" in text and "auroc 95% CI" in text
+    assert "learning curves" in text and f"tested on {b}" in text
+    res = json.loads((a / "bench" / "results.json").read_text())
+    assert (
+        res["glnet_preset"]["name"] == "attributes" and res["glnet_preset"]["chosen_by"] == "task"
+    )
+    assert res["n"]["test"] == 4 and res["test_zoo"] == str(b)  # the twin's test split
+    glnet, control = (r for r in res["runs"] if r["model"] == "glnet")
+    assert glnet["hparams"]["width"] == 64 and glnet["hparams"]["layers"] == 1
+    assert control["control"] == "permuted_labels" and not glnet["control"]
+    for r in res["runs"]:
+        lo, hi = r["summary"]["accuracy"]["ci95"]
+        assert 0.0 <= lo <= hi <= 1.0
+    curve = next(c for c in res["curves"] if c["model"] == "glnet")
+    assert [p["n_fit"] for p in curve["points"]] == [
+        round(0.5 * res["n"]["fit"]),
+        res["n"]["fit"],
+    ]
+    assert curve["points"][-1]["mean"] == glnet["summary"]["auroc"]["mean"]
+
+
+def test_bench_preset_override_and_refusals(twins, tmp_path):
+    a, _ = twins
+    kw = dict(models=["glnet"], repeats=1, progress=False, write=False, controls=False)
+    res = run_bench(a, "eval_loss", preset="small", hparams={"glnet": {"width": 4}}, **kw)
+    hp = res["runs"][0]["hparams"]
+    assert res["glnet_preset"]["name"] == "small" and (hp["width"], hp["layers"]) == (4, 2)
+    assert len(res["runs"]) == 1 and "curves" not in res
+    with pytest.raises(SelectionError, match="preset"):
+        run_bench(a, "eval_loss", preset="huge", **kw)
+    from tests.fixtures.zoos import make_zoo
+
+    lone = make_zoo(tmp_path / "lone", n=6)  # one split only: nothing to test on
+    with pytest.raises(SelectionError, match="test split") as ei:
+        run_bench(a, "eval_loss", test_zoo=lone, **kw)
+    assert ei.value.key == "split"
