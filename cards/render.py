@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from lora_zoo.cards.lol_results import read_bench
+from lora_zoo.cards.lol_results import ci_text, read_bench, run_label
 from lora_zoo.errors import ZooFormatError
 from lora_zoo.record import cell_modules
 from lora_zoo.zoo.card_min import configs_header
@@ -291,8 +291,9 @@ def bench_rows(zoo: Any) -> dict[str, Any] | None:
     for r in res["runs"]:
         cells = [f"{r['summary'][m]['mean']:.3f} ± {r['summary'][m]['std']:.3f}" for m in metrics]
         d = r["summary"][prim]["mean"] - b if prim else math.nan
-        rows.append({"model": r.get("model"), "view": r.get("view"),
-                     "symmetry": r.get("invariance", "-"), "cells": cells, "delta": f"{d:+.3f}"})  # fmt: skip
+        rows.append({"model": run_label(r), "view": r.get("view"), "symmetry": r.get("invariance", "-"),
+                     "cells": cells, "ci": ci_text(r["summary"], prim) if prim else "-",
+                     "delta": f"{d:+.3f}"})  # fmt: skip
     n = res.get("n") or {}
     return {
         "target": res.get("target"),
@@ -302,6 +303,15 @@ def bench_rows(zoo: Any) -> dict[str, Any] | None:
         "rows": rows,
         "repeats": res.get("repeats"),
         "split": f"{n.get('fit')}/{n.get('valid')}/{n.get('test')}",
+        "test_zoo": res.get("test_zoo"),
+        "preset": (res.get("glnet_preset") or {}).get("name"),
+        "curves": [
+            {
+                "name": f"{c.get('model')}/{c.get('view')}",
+                "points": ", ".join(f"{p['n_fit']}: {p['mean']:.3f}" for p in c.get("points", [])),
+            }
+            for c in res.get("curves") or []
+        ],
     }
 
 
@@ -380,6 +390,11 @@ def card_context(
             "what LoL models learn from this zoo",
             "Test-split score of each `lora-zoo bench` model (mean and std over seeds), against "
             "the baseline (dashed).",
+        ),
+        "curves": (
+            "learning curves",
+            "How many LoRAs does this task need: test score of each `lora-zoo bench` model "
+            "against the number of training LoRAs (`--train-sizes`; band: std over seeds).",
         ),
     }
     recipe = (raw_info.get("recipe") or "").strip("\n") or (
@@ -475,7 +490,7 @@ def render_card(
         pdir = Path(zoo.root) / "plots"
         plots = {
             k: f"{k}.png"
-            for k in ("labels", "spectra", "hparams", "bench")
+            for k in ("labels", "spectra", "hparams", "bench", "curves")
             if (pdir / f"{k}.png").exists()
         }
     return _template(template).render(**card_context(zoo, plots, repo_id))

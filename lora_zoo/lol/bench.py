@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from lora_zoo._io import atomic_write_bytes
+from lora_zoo.cards.lol_results import ci_text, run_label
 from lora_zoo.errors import SelectionError
 from lora_zoo.load import symmetry
 from lora_zoo.load.datasets import LoraIterableDataset, check_device
@@ -763,19 +764,6 @@ def _jsonable(x: Any) -> Any:
     if isinstance(x, (set, tuple)):
         return list(x)
     return str(x)
-
-
-def run_label(r: dict[str, Any]) -> str:
-    """A results entry's model name as tables show it: the baseline as the label-mean /
-    majority model it is, the matched-noise control marked."""
-    if r["model"] == "baseline":
-        return "baseline (label mean/majority)"
-    return f"{r['model']} (permuted labels)" if r.get("control") else r["model"]
-
-
-def ci_text(summary: dict[str, Any], metric: str) -> str:
-    lohi = summary.get(metric, {}).get("ci95")
-    return f"[{lohi[0]:.2f}, {lohi[1]:.2f}]" if lohi else "-"
 
 
 def format_table(res: dict[str, Any]) -> str:
