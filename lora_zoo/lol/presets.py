@@ -11,7 +11,8 @@ over any preset key.
 
 Each preset states the paper setting it mirrors and how its numbers were chosen: only on the
 *validation* slice the bench carves from the train split (never on test), on the quickstart
-zoos (see ``docs/LOL.md`` for the controlled comparison, one change at a time).
+zoos (README, "GL-net at the papers' size": the controlled comparison, one change at a
+time).
 """
 
 from __future__ import annotations
