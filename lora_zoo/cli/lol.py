@@ -54,8 +54,9 @@ def register(sub: Any) -> None:
     )
     p.add_argument(
         "--preset",
-        help="GL-net size preset (membership, attributes, clip_score, llm_accuracy, small); "
-        "default: the one the task calls for",
+        help="GL-net size preset (membership, attributes, clip_score, llm_accuracy, small), or "
+        "several comma-separated to select among on the validation loss; default: the one the "
+        "task calls for",
     )
     p.add_argument(
         "--train-sizes",

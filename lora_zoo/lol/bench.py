@@ -53,7 +53,7 @@ from lora_zoo.lol.models import (
     specs_from_batch,
 )
 from lora_zoo.lol.models.baseline import baseline_predict
-from lora_zoo.lol.presets import get_preset, preset_for_task
+from lora_zoo.lol.presets import Preset, get_preset, preset_for_task
 from lora_zoo.lol.transfer import check_targets, match_modules
 from lora_zoo.seeding import sub_seed
 
@@ -606,13 +606,15 @@ def run_bench(
     local zoo when ``write``, and to ``json_path``).
 
     GL-net runs at the preset ``preset`` names (``lora_zoo.lol.presets``), or at the one the
-    task calls for when None; ``hparams`` keys win over the preset's. ``controls``: also the
+    task calls for when None; several comma-separated names are selected among on the
+    validation loss (``_select_on_validation``); ``hparams`` keys win over the preset's. ``controls``: also the
     matched-noise control (``_train_labels``). ``train_sizes``: fractions of the fit rows for
     the learning curves. ``test_zoo``: test on that zoo's test split (``lol.transfer``).
     ``bootstrap``: resamples of the test LoRAs for the 95 % intervals (0: none)."""
     cfg = train or TrainConfig()
-    if preset is not None:
-        get_preset(preset)  # refuse a bad name before any work
+    names = [n.strip() for n in preset.split(",")] if preset else []
+    for n in names:
+        get_preset(n)  # refuse a bad name before any work
     sizes = _check_sizes(train_sizes)
     b = _open_bench(zoo_or_path, target, device, cfg, progress=progress, split_seed=split_seed)
     b.n_boot = bootstrap
@@ -623,11 +625,21 @@ def run_bench(
     t_start = time.perf_counter()
     _prepare_task(b, runs)
     assert b.task is not None
-    chosen = get_preset(preset or preset_for_task(b.task.kind, b.columns))
+    cands = [get_preset(n) for n in names or [preset_for_task(b.task.kind, b.columns)]]
+    chosen, selection = cands[0], {}
     hps = {m: dict((hparams or {}).get(m, {})) for m, _, _ in runs}
-    if "glnet" in hps:
-        hps["glnet"] = {**chosen.model, **hps["glnet"]}
-    out_runs = [_run_one(b, m, v, aug, repeats, hps[m]) for m, v, aug in runs]
+    user_glnet = dict(hps.get("glnet", {}))
+    hps["glnet"] = {**chosen.model, **user_glnet}
+    out_runs = []
+    for m, v, aug in runs:
+        if m == "glnet" and len(cands) > 1:
+            entry, chosen, selection = _select_on_validation(
+                b, (m, v, aug), repeats, cands, user_glnet
+            )
+            hps["glnet"] = {**chosen.model, **user_glnet}
+        else:
+            entry = _run_one(b, m, v, aug, repeats, hps[m])
+        out_runs.append(entry)
     ctl = _control_run(runs) if controls else None
     if ctl is not None:
         m, v, aug = ctl
@@ -637,8 +649,9 @@ def run_bench(
     res = _results(b, target, repeats, out_runs, t_start)
     res["glnet_preset"] = {
         "name": chosen.name,
-        "chosen_by": "--preset" if preset else "task",
+        "chosen_by": ("validation loss" if selection else "--preset") if preset else "task",
         "mirrors": chosen.mirrors,
+        "validation_loss": selection,
     }
     if sizes:
         res["curves"] = _curves(b, runs, out_runs, sizes, repeats, hps)
@@ -647,6 +660,29 @@ def run_bench(
     res["time_s"] = round(time.perf_counter() - t_start, 1)
     _write_results(res, b.zoo, write, json_path)
     return res
+
+
+def _select_on_validation(
+    b: _Bench,
+    run: tuple[str, str, bool],
+    repeats: int,
+    cands: Sequence[Preset],
+    user_hp: dict[str, Any],
+) -> tuple[dict[str, Any], Preset, dict[str, float]]:
+    """``--preset a,b,...``: every candidate trained on the fit rows; the one with the lowest
+    best validation loss (mean over seeds) is kept. Only validation losses are compared and
+    recorded: the other candidates' test scores are dropped unseen, so the choice never looks
+    at the test split."""
+    m, v, aug = run
+    val: dict[str, float] = {}
+    best: tuple[dict[str, Any], Preset] | None = None
+    for p in cands:
+        entry = _run_one(b, m, v, aug, repeats, {**p.model, **user_hp})
+        val[p.name] = float(np.mean([s["best_val_loss"] for s in entry["per_seed"]]))
+        if best is None or val[p.name] < val[best[1].name]:
+            best = (entry, p)
+    assert best is not None
+    return best[0], best[1], val
 
 
 def _check_sizes(sizes: Sequence[float] | None) -> list[float]:

@@ -10,7 +10,8 @@ import pytest
 
 from lora_zoo.cli import main
 from lora_zoo.errors import SelectionError
-from lora_zoo.lol.bench import run_bench
+from lora_zoo.lol.bench import TrainConfig, run_bench
+from lora_zoo.lol.presets import PRESETS
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +63,21 @@ def test_bench_preset_override_and_refusals(twins, tmp_path):
     assert res["glnet_preset"]["name"] == "small" and (hp["width"], hp["layers"]) == (4, 2)
     assert len(res["runs"]) == 1 and "curves" not in res
     with pytest.raises(SelectionError, match="preset"):
-        run_bench(a, "eval_loss", preset="huge", **kw)
+        run_bench(a, "eval_loss", preset="small,huge", **kw)
+    # several presets: chosen on the validation loss alone, every candidate's loss recorded
+    sel = run_bench(
+        a, "eval_loss", preset="small,clip_score", train=TrainConfig(max_epochs=3), **kw
+    )
+    p = sel["glnet_preset"]
+    assert p["chosen_by"] == "validation loss" and set(p["validation_loss"]) == {
+        "small",
+        "clip_score",
+    }
+    assert p["name"] == min(p["validation_loss"], key=p["validation_loss"].get)
+    run = sel["runs"][0]
+    assert run["hparams"]["width"] == PRESETS[p["name"]].model["width"]
+    got = sum(s["best_val_loss"] for s in run["per_seed"]) / len(run["per_seed"])
+    assert got == pytest.approx(p["validation_loss"][p["name"]])
     from tests.fixtures.zoos import make_zoo
 
     lone = make_zoo(tmp_path / "lone", n=6)  # one split only: nothing to test on
