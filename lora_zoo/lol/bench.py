@@ -227,6 +227,49 @@ def augment(
     return out
 
 
+def _stepper(
+    model: LolModel, task: Task, opt: torch.optim.Optimizer, cfg: TrainConfig, aug_gen: Any
+) -> Any:
+    """One optimiser step on a minibatch (GL(r)-augmented first when ``aug_gen`` is given)."""
+
+    def step(mb: dict[str, Any], yb: torch.Tensor) -> None:
+        if aug_gen is not None:
+            mb = augment(mb, aug_gen, cfg.augment_log_cond)
+        loss = _loss(task, model(mb), yb)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def _early_stopping(
+    model: LolModel, cfg: TrainConfig, epoch_fn: Any, val_fn: Any, progress: bool, desc: str
+) -> dict[str, Any]:
+    """Epochs of ``epoch_fn(epoch)`` until the validation loss ``val_fn()`` has not improved
+    for ``cfg.patience`` epochs; restores the best epoch's weights."""
+    from lora_zoo.progress import track
+
+    best, best_epoch, best_state = math.inf, -1, None
+    bar = track(range(cfg.max_epochs), desc=desc, unit="epoch", nested=True, enabled=progress)
+    for epoch in bar:
+        model.train()
+        epoch_fn(epoch)
+        model.eval()
+        with torch.no_grad():
+            vloss = float(val_fn())
+        if vloss < best - 1e-6:
+            best, best_epoch = vloss, epoch
+            best_state = {k: t.detach().clone() for k, t in model.state_dict().items()}
+        bar.set_postfix(val=f"{vloss:.4f}", best=f"{best:.4f}")
+        if epoch - best_epoch >= cfg.patience:
+            break
+    bar.close()
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return {"epochs": epoch + 1, "best_epoch": best_epoch, "best_val_loss": best}
+
+
 def train_model(
     model: LolModel,
     task: Task,
@@ -240,42 +283,25 @@ def train_model(
     desc: str = "",
 ) -> dict[str, Any]:
     """AdamW on minibatches, early stopping on the validation loss; restores the best epoch."""
-    from lora_zoo.progress import track
-
     (xm, y), (vm, vy) = fit, valid
     dev = next(model.parameters()).device
     y, vy = y.to(dev), vy.to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(seed)
     aug_gen = torch.Generator().manual_seed(sub_seed(seed, "augment"))
+    step = _stepper(model, task, opt, cfg, aug_gen if gl_augment else None)
     n = len(y)
-    best, best_epoch, best_state = math.inf, -1, None
-    bar = track(range(cfg.max_epochs), desc=desc, unit="epoch", nested=True, enabled=progress)
-    for epoch in bar:
-        model.train()
+
+    def epoch_fn(epoch: int) -> None:
         perm = torch.randperm(n, generator=gen)
         for i in range(0, n, cfg.batch_size):
             idx = perm[i : i + cfg.batch_size]
-            mb = take(xm, idx)
-            if gl_augment:
-                mb = augment(mb, aug_gen, cfg.augment_log_cond)
-            loss = _loss(task, model(mb), y[idx.to(dev)])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        model.eval()
-        with torch.no_grad():
-            vloss = float(_loss(task, model(vm), vy))
-        if vloss < best - 1e-6:
-            best, best_epoch = vloss, epoch
-            best_state = {k: t.detach().clone() for k, t in model.state_dict().items()}
-        bar.set_postfix(val=f"{vloss:.4f}", best=f"{best:.4f}")
-        if epoch - best_epoch >= cfg.patience:
-            break
-    bar.close()
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    return {"epochs": epoch + 1, "best_epoch": best_epoch, "best_val_loss": best}
+            step(take(xm, idx), y[idx.to(dev)])
+
+    def val_fn() -> float:
+        return float(_loss(task, model(vm), vy))
+
+    return _early_stopping(model, cfg, epoch_fn, val_fn, progress, desc)
 
 
 def predict(model: LolModel, task: Task, modules: dict[str, Any]) -> np.ndarray:
