@@ -77,6 +77,13 @@ def register(sub: Any) -> None:
         default=1000,
         help="bootstrap resamples of the test LoRAs for 95%% intervals (0: none)",
     )
+    p.add_argument(
+        "--stream",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="train from streamed minibatches (memory flat in the number of LoRAs); default: "
+        "only when the train split is over a quarter of physical memory",
+    )
     p.add_argument("--json", dest="json_path", help="also write the results here")
     p.add_argument(
         "--no-write", action="store_true", help="do not write bench/results.json into the zoo"
@@ -96,7 +103,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         device=args.device,
         gl_augment=args.gl_augment,
-        train=TrainConfig(lr=args.lr, max_epochs=args.epochs, patience=args.patience),
+        train=TrainConfig(
+            lr=args.lr, max_epochs=args.epochs, patience=args.patience, stream=args.stream
+        ),
         hparams=json.loads(args.hparams) if args.hparams else None,
         json_path=args.json_path,
         write=not args.no_write,

@@ -29,7 +29,7 @@ import math
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,12 +54,23 @@ from lora_zoo.lol.models import (
 )
 from lora_zoo.lol.models.baseline import baseline_predict
 from lora_zoo.lol.presets import Preset, get_preset, preset_for_task
+from lora_zoo.lol.stream import (
+    batch_rows,
+    batches,
+    split_labels,
+    stream_predict,
+    stream_train_epoch,
+    stream_val_loss,
+)
 from lora_zoo.lol.transfer import check_targets, match_modules
 from lora_zoo.seeding import sub_seed
 
 logger = logging.getLogger(__name__)
 
 RESULTS = "bench/results.json"
+#: the in-memory path holds a split's decoded view (about its stored bytes, more for derived
+#: views); above this fraction of physical memory the bench streams instead
+STREAM_ABOVE = 0.25
 FORMAT = 1
 PRIMARY = {"binary": "auroc", "multiclass": "accuracy", "regression": "r2"}
 
@@ -75,6 +86,9 @@ class TrainConfig:
     patience: int = 30
     val_fraction: float = 0.15
     augment_log_cond: float = 2.0  # cond(R) <= e^2 for the gl_augment draws
+    stream: bool | None = None  # None: stream when the train split's bytes exceed STREAM_ABOVE
+    shuffle_buffer: int = 1024  # streaming: rows in the seeded shuffle buffer
+    calibrate_rows: int = 512  # streaming: fit rows the input scaling is fitted on
 
 
 @dataclass
@@ -381,6 +395,7 @@ class _Bench:
     split_seed: int
     cache: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     test_zoo: Any = None  # --test-zoo: test on this zoo's test split instead (transfer)
+    train_pos: dict[str, int] = field(default_factory=dict)  # lora_id -> train row
     n_boot: int = 1000
     task: Task | None = None
     carve: dict[str, Any] = field(default_factory=dict)
@@ -422,7 +437,14 @@ def _open_bench(
 def _prepare_task(b: _Bench, runs: Sequence[tuple[str, str, bool]]) -> None:
     """Infer the task from the labels, carve the validation rows, and build the target
     tensors (regression targets standardised on the fit rows)."""
-    first = b.data("svals" if any(v == "svals" for _, v, _ in runs) else "factors")
+    if b.cfg.stream:  # labels from the Arrow tables alone: no view decoded
+        test_zoo = b.zoo if b.test_zoo is None else b.test_zoo
+        first = {
+            "train": split_labels(b.zoo["train"], b.columns),
+            "test": split_labels(test_zoo["test"], b.columns),
+        }
+    else:
+        first = b.data("svals" if any(v == "svals" for _, v, _ in runs) else "factors")
     tr, columns = first["train"], b.columns
     ids = list(tr["lora_id"])
     probe_labels = {
@@ -435,7 +457,7 @@ def _prepare_task(b: _Bench, runs: Sequence[tuple[str, str, bool]]) -> None:
         vals = vals if isinstance(vals, list) else vals.tolist()
         task.classes = sorted({str(v) for v in vals if v is not None})
     b.carve = validation_carve(b.zoo, ids, b.cfg.val_fraction, b.split_seed)
-    pos = {lid: i for i, lid in enumerate(ids)}
+    pos = b.train_pos = {lid: i for i, lid in enumerate(ids)}
     b.fit_idx = torch.tensor(sorted(pos[i] for i in b.carve["fit"]))
     b.val_idx = torch.tensor(sorted(pos[i] for i in b.carve["valid"]))
     b.y_train, b.y_test = targets_tensor(task, tr), targets_tensor(task, first["test"])
@@ -495,6 +517,8 @@ def _fit_one_seed(
     if not info.reads_weights:
         assert info.fit_predict is not None
         return info.fit_predict(b.task, y_train[fit_idx], len(b.y_test)), {}, None
+    if b.cfg.stream:
+        return _fit_streaming(b, info, view, aug, seed, hp, (fit_idx, y_train))
     label = f"{view}+gl_augment" if aug else view
     d = b.data(info.loader_view(view))
     xm_all = d["train"]["modules"]
@@ -515,6 +539,76 @@ def _fit_one_seed(
         desc=f"{info.name}/{label} seed {seed}",
     )
     return predict(model, b.task, d["test"]["modules"]), train_info, model
+
+
+def _loss_sum(task: Task, out: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
+    """(loss x count, count): ``_loss`` as a sum over the labels it averages, so minibatch
+    sums add up to the loss over all rows at once."""
+    n = int((y >= 0).sum()) if task.kind == "multiclass" else int((~torch.isnan(y)).sum())
+    return float(_loss(task, out, y)) * n, n
+
+
+def _fit_streaming(
+    b: _Bench,
+    info: LolModelInfo,
+    view: str,
+    aug: bool,
+    seed: int,
+    hp: dict[str, Any],
+    fit: tuple[torch.Tensor, torch.Tensor],
+) -> tuple[np.ndarray, dict[str, Any], LolModel]:
+    """``_fit_one_seed`` from minibatches (``lol.stream``): memory flat in the number of
+    LoRAs. Same model, optimiser, stopping rule, fit / validation rows and labels."""
+    assert b.task is not None and b.val_idx is not None
+    task, cfg, lv, (fit_idx, y_train) = b.task, b.cfg, info.loader_view(view), fit
+    train_split = b.zoo["train"]
+    test_zoo = b.zoo if b.test_zoo is None else b.test_zoo
+    fit_rows, val_rows = set(fit_idx.tolist()), set(b.val_idx.tolist())
+    first = next(batches(train_split, lv, cfg.calibrate_rows, b.dev))
+    torch.manual_seed(seed)
+    model = make_model(info.name, view, specs_from_batch(first), task.out_dim, **hp).to(b.dev)
+    model.calibrate(take(first["modules"], batch_rows(first, b.train_pos, fit_rows)))
+    ref = {
+        "modules": take(first["modules"], torch.tensor([0])),
+        "module_info": first["module_info"],
+    }
+    del first
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    aug_gen = torch.Generator().manual_seed(sub_seed(seed, "augment")) if aug else None
+    step = _stepper(model, task, opt, cfg, aug_gen)
+    y = y_train.to(b.dev)
+
+    def source(epoch: int) -> Any:
+        return batches(
+            train_split,
+            lv,
+            cfg.batch_size,
+            b.dev,
+            seed=seed,
+            epoch=epoch,
+            shuffle=cfg.shuffle_buffer,
+        )
+
+    def val_fn() -> float:
+        sums = lambda mods, yb: _loss_sum(task, model(mods), yb)  # noqa: E731
+        return stream_val_loss(sums, batches(train_split, lv, 256, b.dev), b.train_pos, val_rows, y)
+
+    train_info = _early_stopping(
+        model,
+        cfg,
+        lambda e: stream_train_epoch(step, source, e, b.train_pos, fit_rows, y),
+        val_fn,
+        b.progress,
+        f"{info.name}/{view} seed {seed} (streaming)",
+    )
+    where = str(getattr(test_zoo, "source", ""))
+
+    def pred_fn(batch: dict[str, Any]) -> np.ndarray:
+        mapped = batch if b.test_zoo is None else match_modules(ref, batch, where)
+        return predict(model, task, mapped["modules"])
+
+    test = batches(test_zoo["test"], lv, 256, b.dev)
+    return stream_predict(pred_fn, test, b.test_ids), train_info, model
 
 
 def _run_one(
@@ -644,6 +738,8 @@ def run_bench(
     sizes = _check_sizes(train_sizes)
     b = _open_bench(zoo_or_path, target, device, cfg, progress=progress, split_seed=split_seed)
     b.n_boot = bootstrap
+    if cfg.stream is None:
+        b.cfg = replace(cfg, stream=_too_big(b.zoo))
     if test_zoo is not None:
         b.test_zoo = _open_other(test_zoo)
         check_targets(b.zoo, b.test_zoo, b.columns)
@@ -709,6 +805,20 @@ def _select_on_validation(
             best = (entry, p)
     assert best is not None
     return best[0], best[1], val
+
+
+def _too_big(zoo: Any) -> bool:
+    """Whether the train split's stored bytes exceed ``STREAM_ABOVE`` of physical memory (the
+    in-memory path would hold at least that much once decoded)."""
+    try:
+        nbytes = int(zoo.manifest["splits"]["train"]["num_bytes"])
+        phys = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (KeyError, TypeError, ValueError, OSError, AttributeError):
+        return False
+    big = nbytes > STREAM_ABOVE * phys
+    if big:
+        logger.info("train split is %.1f GB: streaming the bench", nbytes / 1e9)
+    return big
 
 
 def _check_sizes(sizes: Sequence[float] | None) -> list[float]:

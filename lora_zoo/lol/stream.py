@@ -119,11 +119,12 @@ def stream_predict(
     source: Iterator[dict[str, Any]],
     ids: list[str],
 ) -> np.ndarray:
-    """Predictions for every LoRA of ``ids``, in that order, from minibatches in any order."""
+    """Predictions for every LoRA of ``ids``, in that order, from minibatches in any order
+    (``predict`` gets the whole collated batch: its modules and their ``module_info``)."""
     at = {lid: i for i, lid in enumerate(ids)}
     out: np.ndarray | None = None
     for batch in source:
-        p = predict(batch["modules"])
+        p = predict(batch)
         if out is None:
             out = np.zeros((len(ids), *p.shape[1:]), dtype=p.dtype)
         out[[at[lid] for lid in batch["lora_id"]]] = p

@@ -84,3 +84,62 @@ def test_bench_preset_override_and_refusals(twins, tmp_path):
     with pytest.raises(SelectionError, match="test split") as ei:
         run_bench(a, "eval_loss", test_zoo=lone, **kw)
     assert ei.value.key == "split"
+
+
+def test_streaming_pieces_equal_the_in_memory_ones(twins):
+    """Validation loss summed over streamed minibatches == the loss over all rows at once, and
+    streamed predictions == in-memory ones, row for row (float32 matmuls over other batch
+    shapes: agreement to ~1e-6 relative, well inside 1e-4)."""
+    import torch
+
+    from lora_zoo import load_zoo
+    from lora_zoo.lol import bench as B
+    from lora_zoo.lol.models import GLNet, specs_from_batch
+    from lora_zoo.lol.stream import batches, stream_predict, stream_val_loss
+
+    zoo = load_zoo(twins[0])
+    dev = torch.device("cpu")
+    full = B.load_view(zoo["train"], "factors", ["eval_loss"], dev)
+    task = B.Task("regression", ["eval_loss"], mean=[0.0], std=[1.0])
+    y = B.targets_tensor(task, full)
+    pos = {lid: i for i, lid in enumerate(full["lora_id"])}
+    torch.manual_seed(0)
+    model = GLNet(specs_from_batch(full), 1, width=4)
+    model.calibrate(full["modules"])
+    model.eval()
+    valid = {1, 4, 5, 9, 16}
+    idx = torch.tensor(sorted(valid))
+    with torch.no_grad():
+        want = float(B._loss(task, model(B.take(full["modules"], idx)), y[idx]))
+        got = stream_val_loss(
+            lambda m, yb: B._loss_sum(task, model(m), yb), batches(zoo["train"], "factors", 4, dev),
+            pos, valid, y,
+        )  # fmt: skip
+    assert got == pytest.approx(want, rel=1e-4)
+    ids = list(full["lora_id"])[::-1]  # any order: rows are found by id
+    with torch.no_grad():
+        streamed = stream_predict(
+            lambda batch: B.predict(model, task, batch["modules"]),
+            batches(zoo["train"], "factors", 5, dev, seed=1, shuffle=8),
+            ids,
+        )
+    direct = B.predict(model, task, full["modules"])[[pos[i] for i in ids]]
+    assert streamed == pytest.approx(direct, rel=1e-4, abs=1e-6)
+
+
+def test_streaming_bench_runs_the_whole_protocol(twins):
+    a, b = twins
+    res = run_bench(
+        a, "is_even", models=["baseline", "glnet"], repeats=1, progress=False, write=False,
+        train=TrainConfig(max_epochs=3, stream=True, batch_size=4), train_sizes=[0.5],
+        test_zoo=b, bootstrap=50,
+    )  # fmt: skip
+    glnet, control = (r for r in res["runs"] if r["model"] == "glnet")
+    assert glnet["train"]["stream"] is True and control["control"] == "permuted_labels"
+    assert len(glnet["predictions"]["y_pred"]) == res["n"]["test"] == 4
+    assert all(0.0 <= p <= 1.0 for row in glnet["predictions"]["y_pred"] for p in row)
+    assert 1 <= glnet["per_seed"][0]["epochs"] <= 3
+    assert [p["n_fit"] for p in res["curves"][1]["points"]] == [
+        round(0.5 * res["n"]["fit"]),
+        res["n"]["fit"],
+    ]
