@@ -88,7 +88,7 @@ class TrainConfig:
     augment_log_cond: float = 2.0  # cond(R) <= e^2 for the gl_augment draws
     stream: bool | None = None  # None: stream when the train split's bytes exceed STREAM_ABOVE
     shuffle_buffer: int = 1024  # streaming: rows in the seeded shuffle buffer
-    calibrate_rows: int = 512  # streaming: fit rows the input scaling is fitted on
+    calibrate_rows: int = 128  # streaming: rows read for the input scaling (fit rows among them)
 
 
 @dataclass
