@@ -15,8 +15,14 @@ floats -> regression, standardised on the fit rows (R², Kendall τ, Spearman). 
 (NaN) are left out of the loss and the metrics.
 
 The split's views are held in memory (one collated batch per view: fine for zoos of up to ~10^4
-small LoRAs, e.g. the shipped quickstart zoos); a streaming trainer over ``LoraIterableDataset``
-is the way beyond that.
+small LoRAs, e.g. the shipped quickstart zoos); ``--stream`` (automatic above a quarter of
+physical memory) trains from ``LoraIterableDataset`` minibatches instead (``lol.stream``).
+
+What makes a table publishable (issue 24): GL-net at the papers' size (``lol.presets``, chosen
+by the task, selectable on the validation loss); two rows that show chance (the label-mean /
+majority baseline and the permuted-labels control); a 95 % bootstrap interval over test LoRAs
+beside the seed std; learning curves (``train_sizes``); transfer to another zoo's test split
+(``test_zoo``, ``lol.transfer``).
 """
 
 from __future__ import annotations
