@@ -16,8 +16,8 @@ Hub stand-in server of the tests (``--push``). Prints LoRAs/s, MB/s and peak RSS
     python benchmarks/bench_scale.py --preset llama3b --n 1000        # ~9 GB per 1000 LoRAs
     python benchmarks/bench_scale.py --preset sd14 --n 1000 10000 --bench 5  # + streaming bench
 
-``--bench EPOCHS``: every LoRA carries a planted label (``planted``: a seeded coin; true makes
-the first 4 modules' ΔW 3x larger), and ``lora-zoo bench --stream`` trains GL-net on it in a
+``--bench EPOCHS``: every LoRA carries a planted label (``planted``: a seeded coin; true adds
+one fixed direction to the first 4 modules' ΔW), and ``lora-zoo bench --stream`` trains GL-net on it in a
 child process: peak RSS (should stay flat in N), LoRAs/s per epoch, test AUROC against the
 permuted-labels control.
 
@@ -70,22 +70,24 @@ def planted(i: int) -> bool:
 
 
 def make_record(shapes, i: int):
-    """Random factors; a LoRA whose planted label is true has its first 4 modules' ΔW scaled
-    by 3 (B x 3): a GL(r)-invariant signal (ΔW's norm) an invariant model can learn and a
-    constant cannot, while every other module stays pure noise."""
+    """Random factors; a LoRA whose planted label is true has, in its first 4 modules, rank slot
+    0 replaced by one fixed direction u v^T (the same u, v for every such LoRA, at the noise's
+    scale): a GL(r)-invariant signal in ΔW that GL-net's products W_u ΔW W_v^T carry as a
+    constant shift (learnable by an invariant model, not by a constant), while every other
+    module stays pure noise."""
     from lora_zoo.record import LoraModule, LoraRecord
+    from lora_zoo.seeding import sub_seed
 
     g = torch.Generator().manual_seed(i)
-    boost = 3.0 if planted(i) else 1.0
-    mods = {
-        n: LoraModule(
-            torch.randn(r, fin, generator=g) * 0.02,
-            torch.randn(fout, r, generator=g) * 0.02 * (boost if k < 4 else 1.0),
-            float(2 * r),
-            2.0,
-        )  # fmt: skip
-        for k, (n, fin, fout, r) in enumerate(shapes)
-    }
+    mods = {}
+    for k, (n, fin, fout, r) in enumerate(shapes):
+        a = torch.randn(r, fin, generator=g) * 0.02
+        b = torch.randn(fout, r, generator=g) * 0.02
+        if k < 4 and planted(i):
+            d = torch.Generator().manual_seed(sub_seed(0, "planted_direction", n, bits=31))
+            a[0] = torch.randn(fin, generator=d) * 0.04
+            b[:, 0] = torch.randn(fout, generator=d) * 0.04
+        mods[n] = LoraModule(a, b, float(2 * r), 2.0)
     r = shapes[0][3]
     cfg = {
         "r": r,
@@ -157,7 +159,7 @@ def bench_child(zoo: Path, epochs: int) -> dict:
         "import sys, json, time; from lora_zoo.lol.bench import run_bench, TrainConfig; "
         "t=time.perf_counter(); r=run_bench(sys.argv[1], 'planted', models=['baseline','glnet'], "
         "repeats=1, preset='small', progress=False, write=False, bootstrap=200, "
-        "train=TrainConfig(stream=True, max_epochs=int(sys.argv[2]), patience=3, batch_size=16, lr=3e-3)); "
+        "train=TrainConfig(stream=True, max_epochs=int(sys.argv[2]), patience=3, batch_size=16, lr=1e-3)); "
         "t=time.perf_counter()-t; "
         "g=[x for x in r['runs'] if x['model']=='glnet']; "
         "ep=sum(x['per_seed'][0]['epochs'] for x in g); "

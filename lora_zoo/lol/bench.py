@@ -93,7 +93,9 @@ class TrainConfig:
     val_fraction: float = 0.15
     augment_log_cond: float = 2.0  # cond(R) <= e^2 for the gl_augment draws
     stream: bool | None = None  # None: stream when the train split's bytes exceed STREAM_ABOVE
-    shuffle_buffer: int = 1024  # streaming: rows in the seeded shuffle buffer
+    shuffle_buffer: int = (
+        256  # streaming: rows in the seeded shuffle buffer (their row groups stay read)
+    )
     calibrate_rows: int = 128  # streaming: rows read for the input scaling (fit rows among them)
 
 
@@ -597,7 +599,7 @@ def _fit_streaming(
 
     def val_fn() -> float:
         sums = lambda mods, yb: _loss_sum(task, model(mods), yb)  # noqa: E731
-        return stream_val_loss(sums, batches(train_split, lv, 256, b.dev), b.train_pos, val_rows, y)
+        return stream_val_loss(sums, batches(train_split, lv, 64, b.dev), b.train_pos, val_rows, y)
 
     train_info = _early_stopping(
         model,
@@ -613,7 +615,7 @@ def _fit_streaming(
         mapped = batch if b.test_zoo is None else match_modules(ref, batch, where)
         return predict(model, task, mapped["modules"])
 
-    test = batches(test_zoo["test"], lv, 256, b.dev)
+    test = batches(test_zoo["test"], lv, 64, b.dev)
     return stream_predict(pred_fn, test, b.test_ids), train_info, model
 
 
