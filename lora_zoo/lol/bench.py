@@ -651,9 +651,9 @@ def _run_one(
         )
         for k, lohi in ci.items():
             summary[k]["ci95"] = lohi  # type: ignore[assignment]
-    logger.info(
-        "bench %s/%s%s: %s", name, label, var.control, _short(summary, PRIMARY[b.task.kind])
-    )
+    what = f"{name}/{label}" + (f" ({var.control})" if var.control else "")
+    what += f" on {len(_fit_rows(b, var.fraction))} fit rows" if var.fraction < 1 else ""
+    logger.info("bench %s: %s", what, _short(summary, PRIMARY[b.task.kind]))
     return {
         "model": name,
         "view": label,
