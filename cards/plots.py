@@ -238,7 +238,8 @@ def plot_bench(zoo: Any, path: Path) -> Path | None:
 
     fig = Figure(figsize=(max(6.0, 0.9 * len(runs)), 3.6), layout="constrained")
     ax = fig.subplots()
-    ax.bar(np.arange(len(runs)), mean, yerr=std, color="#3b7dd8", capsize=3)
+    colors = ["#9a9a9a" if r.get("control") else "#3b7dd8" for r in runs]  # grey: chance rows
+    ax.bar(np.arange(len(runs)), mean, yerr=std, color=colors, capsize=3)
     if base is not None:
         ax.axhline(base["summary"][prim]["mean"], color="k", ls="--", lw=1, label="baseline")
         ax.legend(fontsize=8)
