@@ -93,9 +93,10 @@ class TrainConfig:
     val_fraction: float = 0.15
     augment_log_cond: float = 2.0  # cond(R) <= e^2 for the gl_augment draws
     stream: bool | None = None  # None: stream when the train split's bytes exceed STREAM_ABOVE
-    shuffle_buffer: int = (
-        256  # streaming: rows in the seeded shuffle buffer (their row groups stay read)
-    )
+    # streaming: rows in the seeded shuffle buffer, after a row-group shuffle. Small on purpose:
+    # a buffered row pins its Arrow row group until the group's last row is drawn, so a K-row
+    # buffer keeps about K ln(rows per group) rows read (K = 256: ~1,200 SD-sized LoRAs, 2 GB)
+    shuffle_buffer: int = 32
     calibrate_rows: int = 128  # streaming: rows read for the input scaling (fit rows among them)
 
 
