@@ -18,8 +18,10 @@ Hub stand-in server of the tests (``--push``). Prints LoRAs/s, MB/s and peak RSS
 
 ``--bench EPOCHS``: every LoRA carries a planted label (``planted``: a seeded coin; true adds
 one fixed direction to the first 4 modules' ΔW), and ``lora-zoo bench --stream`` trains GL-net on it in a
-child process: peak RSS (should stay flat in N), LoRAs/s per epoch, test AUROC against the
-permuted-labels control.
+child process: peak RSS, and at the end its anonymous and file-backed parts (the shards are
+memory-mapped for zero-copy Parquet: pages read stay in RSS as reclaimable page cache, so the
+peak grows with the zoo while the anonymous part should stay flat in N), LoRAs/s per epoch, test
+AUROC against the permuted-labels control.
 
 Disk: about twice the zoo size per N (work dir + zoo); the largest N the disk allows.
 """
@@ -163,9 +165,10 @@ def bench_child(zoo: Path, epochs: int) -> dict:
         "t=time.perf_counter()-t; "
         "g=[x for x in r['runs'] if x['model']=='glnet']; "
         "ep=sum(x['per_seed'][0]['epochs'] for x in g); "
-        "rss=next(int(l.split()[1])*1024 for l in open('/proc/self/status') "
-        "if l.startswith('VmHWM')); "
-        "print(json.dumps({'s': t, 'rss': rss, 'epochs': ep, 'n': r['n'], "
+        "st={l.split(':')[0]: int(l.split()[1])*1024 for l in open('/proc/self/status') "
+        "if l.startswith(('VmHWM', 'RssAnon', 'RssFile'))}; rss=st['VmHWM']; "
+        "print(json.dumps({'s': t, 'rss': rss, 'anon': st['RssAnon'], 'file': st['RssFile'], "
+        "'epochs': ep, 'n': r['n'], "
         "'auroc': g[0]['summary']['auroc'], 'control': g[1]['summary']['auroc']}))"
     )
     out = subprocess.run(
@@ -240,12 +243,14 @@ def main() -> None:
 
 def print_bench(bench_rows: list) -> None:
     """The streaming bench table: one row per N."""
-    print("| N | bench s | peak RSS | LoRAs/s per epoch | GL-net AUROC [95% CI] | permuted |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    print("| N | bench s | peak RSS | at the end: anonymous / file-backed (mmapped shards) | "
+          "LoRAs/s per epoch | GL-net AUROC [95% CI] | permuted |")  # fmt: skip
+    print("|---:|---:|---:|---:|---:|---:|---:|")
     for n, b in bench_rows:
         reads = b["epochs"] * 2 * (b["n"]["fit"] + b["n"]["valid"])  # train + validation pass
         a, c = b["auroc"], b["control"]
-        print(f"| {n} | {b['s']:.0f} | {b['rss'] / 2**30:.2f} GiB | {reads / b['s']:.0f} | "
+        print(f"| {n} | {b['s']:.0f} | {b['rss'] / 2**30:.2f} GiB | {b['anon'] / 2**30:.2f} / "
+              f"{b['file'] / 2**30:.2f} GiB | {reads / b['s']:.0f} | "
               f"{a['mean']:.3f} [{a['ci95'][0]:.2f}, {a['ci95'][1]:.2f}] | {c['mean']:.3f} |")  # fmt: skip
 
 
