@@ -14,6 +14,14 @@ Hub stand-in server of the tests (``--push``). Prints LoRAs/s, MB/s and peak RSS
 
     python benchmarks/bench_scale.py --preset sd14 --n 1000 4000 10000
     python benchmarks/bench_scale.py --preset llama3b --n 1000        # ~9 GB per 1000 LoRAs
+    python benchmarks/bench_scale.py --preset sd14 --n 1000 10000 --bench 5  # + streaming bench
+
+``--bench EPOCHS``: every LoRA carries a planted label (``planted``: a seeded coin; true adds
+one fixed direction to the first 4 modules' ΔW), and ``lora-zoo bench --stream`` trains GL-net on it in a
+child process: peak RSS, and at the end its anonymous and file-backed parts (the shards are
+memory-mapped for zero-copy Parquet: pages read stay in RSS as reclaimable page cache, so the
+peak grows with the zoo while the anonymous part should stay flat in N), LoRAs/s per epoch, test
+AUROC against the permuted-labels control.
 
 Disk: about twice the zoo size per N (work dir + zoo); the largest N the disk allows.
 """
@@ -55,19 +63,33 @@ def preset_shapes(name: str) -> list[tuple[str, int, int, int]]:
     raise SystemExit(f"unknown preset {name!r}")
 
 
+def planted(i: int) -> bool:
+    """The planted label of LoRA ``i``: a seeded coin (not a function of i's parity, so no
+    split or row order can leak it)."""
+    from lora_zoo.seeding import sub_seed
+
+    return sub_seed(0, "planted", str(i)) % 2 == 1
+
+
 def make_record(shapes, i: int):
+    """Random factors; a LoRA whose planted label is true has, in its first 4 modules, rank slot
+    0 replaced by one fixed direction u v^T (the same u, v for every such LoRA, at the noise's
+    scale): a GL(r)-invariant signal in ΔW that GL-net's products W_u ΔW W_v^T carry as a
+    constant shift (learnable by an invariant model, not by a constant), while every other
+    module stays pure noise."""
     from lora_zoo.record import LoraModule, LoraRecord
+    from lora_zoo.seeding import sub_seed
 
     g = torch.Generator().manual_seed(i)
-    mods = {
-        n: LoraModule(
-            torch.randn(r, fin, generator=g) * 0.02,
-            torch.randn(fout, r, generator=g) * 0.02,
-            float(2 * r),
-            2.0,
-        )  # fmt: skip
-        for n, fin, fout, r in shapes
-    }
+    mods = {}
+    for k, (n, fin, fout, r) in enumerate(shapes):
+        a = torch.randn(r, fin, generator=g) * 0.02
+        b = torch.randn(fout, r, generator=g) * 0.02
+        if k < 4 and planted(i):
+            d = torch.Generator().manual_seed(sub_seed(0, "planted_direction", n, bits=31))
+            a[0] = torch.randn(fin, generator=d) * 0.04
+            b[:, 0] = torch.randn(fout, generator=d) * 0.04
+        mods[n] = LoraModule(a, b, float(2 * r), 2.0)
     r = shapes[0][3]
     cfg = {
         "r": r,
@@ -94,7 +116,7 @@ def write_work_dir(out: Path, shapes, n: int) -> tuple[float, int]:
         rec = make_record(shapes, j.index)
         weights = rec.to_safetensors_bytes()
         nbytes += len(weights)
-        wd.write_result(TrainedLora(job=j, record=rec, metadata={"syn": j.index},
+        wd.write_result(TrainedLora(job=j, record=rec, metadata={"syn": j.index, "planted": planted(j.index)},
                                     scores={"score": float(j.index % 7)}), weights)  # fmt: skip
         wd.append(j.index, DONE, attempts=1, wall_time_s=0.0)
     return time.perf_counter() - t0, nbytes
@@ -131,6 +153,31 @@ def read_views(zoo: Path, view: str) -> float:
     return time.perf_counter() - t0
 
 
+def bench_child(zoo: Path, epochs: int) -> dict:
+    """``lora-zoo bench --stream`` on the planted label in a child process: (seconds, the
+    child's own peak RSS, LoRAs/s per epoch, test AUROC of GL-net and of its permuted-labels
+    control). Streaming keeps one minibatch decoded, so the peak should not grow with N."""
+    code = (
+        "import sys, json, time; from lora_zoo.lol.bench import run_bench, TrainConfig; "
+        "t=time.perf_counter(); r=run_bench(sys.argv[1], 'planted', models=['baseline','glnet'], "
+        "repeats=1, preset='small', progress=False, write=False, bootstrap=200, "
+        "train=TrainConfig(stream=True, max_epochs=int(sys.argv[2]), patience=3, batch_size=16, lr=1e-3)); "
+        "t=time.perf_counter()-t; "
+        "g=[x for x in r['runs'] if x['model']=='glnet']; "
+        "ep=sum(x['per_seed'][0]['epochs'] for x in g); "
+        "st={l.split(':')[0]: int(l.split()[1])*1024 for l in open('/proc/self/status') "
+        "if l.startswith(('VmHWM', 'RssAnon', 'RssFile'))}; rss=st['VmHWM']; "
+        "print(json.dumps({'s': t, 'rss': rss, 'anon': st['RssAnon'], 'file': st['RssFile'], "
+        "'epochs': ep, 'n': r['n'], "
+        "'auroc': g[0]['summary']['auroc'], 'control': g[1]['summary']['auroc']}))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(zoo), str(epochs)],
+        check=True, cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def push_hub(zoo: Path) -> float:
     sys.path.insert(0, str(ROOT))
     from lora_zoo.remote.push import push
@@ -151,10 +198,17 @@ def main() -> None:
     ap.add_argument("--n", type=int, nargs="+", default=[1000, 4000])
     ap.add_argument("--push", action="store_true", help="also push to the Hub stand-in")
     ap.add_argument("--dir", default=None, help="scratch folder (default: a temp dir)")
+    ap.add_argument(
+        "--bench",
+        type=int,
+        default=0,
+        metavar="EPOCHS",
+        help="also `lora-zoo bench --stream` GL-net on the planted label (at most EPOCHS epochs)",
+    )
     args = ap.parse_args()
     shapes = preset_shapes(args.preset)
     scratch = Path(args.dir or tempfile.mkdtemp(prefix="bench-scale-"))
-    rows = []
+    rows, bench_rows = [], []
     for n in sorted(args.n):
         out = scratch / f"{args.preset}-{n}"
         shutil.rmtree(out, ignore_errors=True)
@@ -169,6 +223,8 @@ def main() -> None:
         f_s = read_views(out / "zoo", "factors")
         s_s = read_views(out / "zoo", "svals")
         h_s = push_hub(out / "zoo") if args.push else float("nan")
+        if args.bench:
+            bench_rows.append((n, bench_child(out / "zoo", args.bench)))
         mb = nbytes / 1e6
         rows.append((n, mb / n, w_s, p_s, rss, v_s, f_s, s_s, h_s, mb))
         shutil.rmtree(out, ignore_errors=True)
@@ -180,7 +236,22 @@ def main() -> None:
         print(f"| {n} | {mb / 1e3:.2f} | {n / w_s:.0f} | {n / p_s:.0f} ({mb / p_s:.0f}) | "
               f"{rss / 2**30:.2f} GiB | {mb / v_s:.0f} | {n / f_s:.0f} | {n / s_s:.0f} | "
               f"{mb / h_s:.0f} |")  # fmt: skip
-    print(json.dumps({"rows": rows}))
+    if bench_rows:
+        print_bench(bench_rows)
+    print(json.dumps({"rows": rows, "bench": bench_rows}))
+
+
+def print_bench(bench_rows: list) -> None:
+    """The streaming bench table: one row per N."""
+    print("| N | bench s | peak RSS | at the end: anonymous / file-backed (mmapped shards) | "
+          "LoRAs/s per epoch | GL-net AUROC [95% CI] | permuted |")  # fmt: skip
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for n, b in bench_rows:
+        reads = b["epochs"] * 2 * (b["n"]["fit"] + b["n"]["valid"])  # train + validation pass
+        a, c = b["auroc"], b["control"]
+        print(f"| {n} | {b['s']:.0f} | {b['rss'] / 2**30:.2f} GiB | {b['anon'] / 2**30:.2f} / "
+              f"{b['file'] / 2**30:.2f} GiB | {reads / b['s']:.0f} | "
+              f"{a['mean']:.3f} [{a['ci95'][0]:.2f}, {a['ci95'][1]:.2f}] | {c['mean']:.3f} |")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -268,7 +268,7 @@ def plot_spectra(zoo: Any, path: Path, max_loras: int = 64, max_panels: int = 12
 
 def plot_bench(zoo: Any, path: Path) -> Path | None:
     """Primary test metric per bench model (mean ± std over seeds) against the baseline."""
-    from lora_zoo.cards.lol_results import read_bench
+    from lora_zoo.cards.lol_results import read_bench, run_label
 
     res = read_bench(zoo)
     if not res or not res.get("runs") or not res.get("primary_metric"):
@@ -276,20 +276,53 @@ def plot_bench(zoo: Any, path: Path) -> Path | None:
     prim = res["primary_metric"]
     runs = [r for r in res["runs"] if r.get("model") != "baseline"]
     base = next((r for r in res["runs"] if r.get("model") == "baseline"), None)
-    names = [f"{r['model']}\n{r['view']}" for r in runs]
+    names = [f"{run_label(r)}\n{r['view']}".replace(" (", "\n(") for r in runs]
     mean = np.array([r["summary"][prim]["mean"] for r in runs])
     std = np.array([r["summary"][prim]["std"] for r in runs])
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(max(6.0, 0.9 * len(runs)), 3.6), layout="constrained")
     ax = fig.subplots()
-    ax.bar(np.arange(len(runs)), mean, yerr=std, color="#3b7dd8", capsize=3)
+    colors = ["#9a9a9a" if r.get("control") else "#3b7dd8" for r in runs]  # grey: chance rows
+    ax.bar(np.arange(len(runs)), mean, yerr=std, color=colors, capsize=3)
     if base is not None:
         ax.axhline(base["summary"][prim]["mean"], color="k", ls="--", lw=1, label="baseline")
         ax.legend(fontsize=8)
     ax.set_xticks(np.arange(len(runs)), names, fontsize=7)
     ax.set_ylabel(f"test {prim}")
     ax.set_title(f"lora-zoo bench: {res.get('target')} ({res.get('repeats')} seeds)", fontsize=10)
+    _save(fig, path)
+    return path
+
+
+def plot_curves(zoo: Any, path: Path) -> Path | None:
+    """Learning curves (``lora-zoo bench --train-sizes``): the primary test metric against the
+    number of training LoRAs, one line per model with its seed std as a band and the baseline
+    dashed: "how many LoRAs does this task need"."""
+    from lora_zoo.cards.lol_results import read_bench
+
+    res = read_bench(zoo)
+    curves = (res or {}).get("curves") or []
+    if not curves:
+        return None
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 3.8), layout="constrained")
+    ax = fig.subplots()
+    for c in curves:
+        n = np.array([p["n_fit"] for p in c["points"]], dtype=float)
+        m = np.array([p["mean"] for p in c["points"]], dtype=float)
+        sd = np.array([p["std"] for p in c["points"]], dtype=float)
+        if c["model"] == "baseline":
+            ax.plot(n, m, color="k", ls="--", lw=1, label="baseline")
+            continue
+        (line,) = ax.plot(n, m, marker="o", ms=3, label=f"{c['model']}/{c['view']}")
+        ax.fill_between(n, m - sd, m + sd, color=line.get_color(), alpha=0.15, lw=0)
+    ax.set_xscale("log")
+    ax.set_xlabel("training LoRAs")
+    ax.set_ylabel(f"test {curves[0]['metric']}")
+    ax.set_title(f"how many LoRAs does {res.get('target')} need?", fontsize=10)
+    ax.legend(fontsize=7, ncols=2)
     _save(fig, path)
     return path
 
@@ -305,7 +338,7 @@ def make_plots(zoo: Any, out_dir: str | Path, max_loras: int = 64) -> dict[str, 
 
     kinds = (("labels", plot_labels), ("spectra", plot_spectra), ("spectral", plot_spectral),
              ("hparams", plot_hparams), ("backdoor", plot_backdoor),
-             ("bench", plot_bench))  # fmt: skip
+             ("bench", plot_bench), ("curves", plot_curves))  # fmt: skip
     for kind, fn in kinds:
         path = out_dir / f"{kind}.png"
         try:

@@ -25,7 +25,7 @@ import numpy as np
 import yaml
 
 from lora_zoo.cards.backdoor import backdoor_table
-from lora_zoo.cards.lol_results import read_bench
+from lora_zoo.cards.lol_results import ci_text, read_bench, run_label
 from lora_zoo.errors import ZooFormatError
 from lora_zoo.record import cell_modules
 from lora_zoo.zoo.card_min import configs_header
@@ -310,6 +310,17 @@ def _modules_and_dtypes(zoo: Any) -> tuple[dict[str, Any], list[str]]:
     return {"count": len(mods), "first": mods[0] if mods else None}, dtypes
 
 
+def _curve_points(points: Any) -> str:
+    """``n: score`` pairs of one learning curve; results.json travels with a zoo, so anything
+    that is not a list of {n_fit: int, mean: number} is left out, never formatted blindly."""
+    out = []
+    for p in points if isinstance(points, list) else []:
+        n, m = (p.get("n_fit"), p.get("mean")) if isinstance(p, dict) else (None, None)
+        if isinstance(n, int) and isinstance(m, (int, float)) and math.isfinite(m):
+            out.append(f"{n}: {m:.3f}")
+    return ", ".join(out)
+
+
 def bench_rows(zoo: Any) -> dict[str, Any] | None:
     """The results table of the card: model, view, symmetry, metrics mean ± std, vs baseline."""
     res = read_bench(zoo)
@@ -324,8 +335,9 @@ def bench_rows(zoo: Any) -> dict[str, Any] | None:
     for r in res["runs"]:
         cells = [f"{r['summary'][m]['mean']:.3f} ± {r['summary'][m]['std']:.3f}" for m in metrics]
         d = r["summary"][prim]["mean"] - b if prim else math.nan
-        rows.append({"model": r.get("model"), "view": r.get("view"),
-                     "symmetry": r.get("invariance", "-"), "cells": cells, "delta": f"{d:+.3f}"})  # fmt: skip
+        rows.append({"model": run_label(r), "view": r.get("view"), "symmetry": r.get("invariance", "-"),
+                     "cells": cells, "ci": ci_text(r["summary"], prim) if prim else "-",
+                     "delta": f"{d:+.3f}"})  # fmt: skip
     n = res.get("n") or {}
     return {
         "target": res.get("target"),
@@ -335,6 +347,15 @@ def bench_rows(zoo: Any) -> dict[str, Any] | None:
         "rows": rows,
         "repeats": res.get("repeats"),
         "split": f"{n.get('fit')}/{n.get('valid')}/{n.get('test')}",
+        "test_zoo": res.get("test_zoo"),
+        "preset": (res.get("glnet_preset") or {}).get("name"),
+        "curves": [
+            {
+                "name": f"{c.get('model')}/{c.get('view')}",
+                "points": _curve_points(c.get("points")),
+            }
+            for c in res.get("curves") or []
+        ],
     }
 
 
@@ -409,6 +430,11 @@ PLOT_CAPTIONS: dict[str, tuple[str, str]] = {
         "what LoL models learn from this zoo",
         "Test-split score of each `lora-zoo bench` model (mean and std over seeds), against "
         "the baseline (dashed).",
+    ),
+    "curves": (
+        "learning curves",
+        "How many LoRAs does this task need: test score of each `lora-zoo bench` model "
+        "against the number of training LoRAs (`--train-sizes`; band: std over seeds).",
     ),
 }
 
@@ -536,7 +562,7 @@ def render_card(
         pdir = Path(zoo.root) / "plots"
         plots = {
             k: f"{k}.png"
-            for k in ("labels", "spectra", "spectral", "hparams", "backdoor", "bench")
+            for k in ("labels", "spectra", "spectral", "hparams", "backdoor", "bench", "curves")
             if (pdir / f"{k}.png").exists()
         }
     return _template(template).render(**card_context(zoo, plots, repo_id))

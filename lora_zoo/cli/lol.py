@@ -58,6 +58,38 @@ def register(sub: Any) -> None:
         help="one fold per value of COLUMN (e.g. trigger_kind): train on the LoRAs with the "
         "other values, test on that value's; written to bench/holdout-COLUMN.json",
     )
+    p.add_argument(
+        "--preset",
+        help="GL-net size preset (membership, attributes, clip_score, llm_accuracy, small), or "
+        "several comma-separated to select among on the validation loss; default: the one the "
+        "task calls for",
+    )
+    p.add_argument(
+        "--train-sizes",
+        type=lambda t: [float(x) for x in t.split(",")],
+        help="learning curves: fractions of the fit rows, e.g. 0.1,0.25,0.5,1",
+    )
+    p.add_argument(
+        "--test-zoo", help="train on ZOO's train split, test on this zoo's test split (transfer)"
+    )
+    p.add_argument(
+        "--no-controls",
+        action="store_true",
+        help="skip the matched-noise control (GL-net on permuted train labels)",
+    )
+    p.add_argument(
+        "--bootstrap",
+        type=int,
+        default=1000,
+        help="bootstrap resamples of the test LoRAs for 95%% intervals (0: none)",
+    )
+    p.add_argument(
+        "--stream",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="train from streamed minibatches (memory flat in the number of LoRAs); default: "
+        "only when the train split is over a quarter of physical memory",
+    )
     p.add_argument("--json", dest="json_path", help="also write the results here")
     p.add_argument(
         "--no-write", action="store_true", help="do not write bench/results.json into the zoo"
@@ -80,11 +112,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         device=args.device,
         gl_augment=args.gl_augment,
-        train=TrainConfig(lr=args.lr, max_epochs=args.epochs, patience=args.patience),
+        train=TrainConfig(
+            lr=args.lr, max_epochs=args.epochs, patience=args.patience, stream=args.stream
+        ),
         hparams=json.loads(args.hparams) if args.hparams else None,
         json_path=args.json_path,
         write=not args.no_write,
         progress=not args.no_progress,
+        preset=args.preset,
+        controls=not args.no_controls,
+        train_sizes=args.train_sizes,
+        test_zoo=args.test_zoo,
+        bootstrap=args.bootstrap,
     )
     print(format_table(res))
     print(

@@ -54,9 +54,10 @@ class DemoResult:
         return format_table(self.bench) if self.bench else ""
 
     def auroc(self, model: str, view: str) -> float:
-        """Mean test AUROC of one bench run (NaN when it did not run)."""
+        """Mean test AUROC of one bench run (NaN when it did not run); never the
+        permuted-labels control of the same model and view."""
         for r in (self.bench or {}).get("runs", []):
-            if (r["model"], r["view"]) == (model, view):
+            if (r["model"], r["view"]) == (model, view) and not r.get("control"):
                 return float(r["summary"]["auroc"]["mean"])
         return float("nan")
 

@@ -162,11 +162,18 @@ def test_card_shows_bench_results_when_they_exist(tmp_path):
     from tests.fixtures.zoos import make_zoo
 
     root = make_zoo(tmp_path / "z", n=24, splits={"train": 0.7, "test": 0.3})
+    from lora_zoo.cards.lol_results import ci_text, run_label
+    from lora_zoo.cards.render import md
+
     res = run_bench(root, "eval_loss", models=["baseline", "mlp"], views=["svals"], repeats=1,
-                    progress=False)  # fmt: skip
+                    progress=False, train_sizes=[0.5], bootstrap=100)  # fmt: skip
     assert (root / "bench" / "results.json").exists()
     text = write_card(root).read_text()
     assert "## What can be learned from it" in text and "`lora-zoo bench` on target" in text
-    for r in res["runs"]:
-        assert f"| {r['model']} | {r['view']} |" in text
+    labels = [run_label(r) for r in res["runs"]]  # the baseline and the permuted-labels control
+    assert labels == ["baseline (label mean/majority)", "mlp", "mlp (permuted labels)"]
+    for r, lab in zip(res["runs"], labels):
+        assert f"| {lab} | {r['view']} |" in text and md(ci_text(r["summary"], "r2")) in text
     assert (root / "plots" / "bench.png").exists() and "plots/bench.png" in text
+    assert "How many LoRAs does this task need" in text and "plots/curves.png" in text
+    assert (root / "plots" / "curves.png").exists()
