@@ -160,7 +160,9 @@ def summary(folds: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
     by: dict[str, list[float]] = {}
     for f in folds:
         for r in f["runs"]:
-            by.setdefault(f"{r['model']}/{r['view']}", []).append(r["summary"][prim]["mean"])
+            # the matched-noise control (same model, permuted labels) is its own row
+            key = f"{r['model']}/{r['view']}" + (" (permuted labels)" if r.get("control") else "")
+            by.setdefault(key, []).append(r["summary"][prim]["mean"])
     return {
         k: {"mean": float(np.nanmean(v)), "min": float(np.nanmin(v))}
         if not all(math.isnan(x) for x in v)

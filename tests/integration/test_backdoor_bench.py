@@ -48,7 +48,8 @@ def test_spectral_baseline_detects_the_planted_signal(planted_zoo):
     res = run_bench(
         planted_zoo, "poisoned", models=["baseline", "spectral"], repeats=1, progress=False
     )
-    auroc = {r["model"]: r["summary"]["auroc"]["mean"] for r in res["runs"]}
+    # the matched-noise control (same model, permuted labels) is its own row: leave it out
+    auroc = {r["model"]: r["summary"]["auroc"]["mean"] for r in res["runs"] if not r.get("control")}
     assert auroc["baseline"] == 0.5
     assert auroc["spectral"] > 0.9  # 12 test LoRAs; every module carries the signal
 
@@ -72,6 +73,10 @@ def test_hold_out_folds_test_exactly_the_held_out_kind(planted_zoo):
         assert fold["n"]["fit"] + fold["n"]["valid"] == N - len(test_ids)
         assert fold["runs"][1]["summary"]["auroc"]["mean"] > 0.9
     assert res["summary"]["spectral/svals"]["min"] > 0.9
+    ctl = [
+        k for k in res["summary"] if "permuted labels" in k
+    ]  # a control, if run, has its own row
+    assert all(res["summary"][k]["mean"] < 0.9 for k in ctl)
     assert json.loads((planted_zoo / "bench" / "holdout-trigger_kind.json").read_text())["folds"]
     with pytest.raises(SelectionError):
         run_hold_out(planted_zoo, "trigger_kind", "trigger_kind", progress=False)
