@@ -28,13 +28,23 @@ def run_peft(base, targets, spec, hp, batches, *, copy_init=True):
     pm = get_peft_model(model, cfg)
     if copy_init:
         peft_init_like(pm, spec)
+    return _peft_train(pm, hp, batches, schedule=True)
+
+
+def _peft_train(pm, hp, batches, *, schedule: bool):
+    """The obvious PEFT loop: AdamW, plain shifted cross-entropy, grad clipping, and (with
+    ``schedule``) the LambdaLR of ``hp``. Returns (model, per-step losses)."""
     pm.eval()
     params = [p for p in pm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(
         params, lr=hp.lr, betas=hp.betas, eps=hp.eps, weight_decay=hp.weight_decay
     )
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(hp.schedule, s, hp.total_steps, hp.warmup_steps)
+    sched = (
+        torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: lr_factor(hp.schedule, s, hp.total_steps, hp.warmup_steps)
+        )
+        if schedule
+        else None
     )
     losses = []
     for b in batches:
@@ -47,7 +57,8 @@ def run_peft(base, targets, spec, hp, batches, *, copy_init=True):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, hp.max_grad_norm)
         opt.step()
-        sched.step()
+        if sched is not None:
+            sched.step()
         losses.append(float(loss.detach()))
     return pm, losses
 
@@ -136,7 +147,7 @@ def test_residual_inits_match_peft_and_its_conversion(init, tmp_path):
     pm = get_peft_model(model, cfg)
     pm.save_pretrained(str(tmp_path / "init"))  # the initial adapter PEFT's conversion reads
     pm.peft_config["default"].init_lora_weights = True
-    pm_trained, _ = _train_existing(pm, hps[0], batches[0])
+    pm_trained, _ = _peft_train(pm, hps[0], batches[0], schedule=False)
     pm_trained.save_pretrained(
         str(tmp_path / "conv"), path_initial_model_for_weight_conversion=str(tmp_path / "init")
     )
@@ -160,25 +171,6 @@ def test_residual_inits_match_peft_and_its_conversion(init, tmp_path):
     # float32 forward through 2 layers of width 64 on weights that differ by the trained
     # tolerance: 10 eps32 (T V) max|logit|
     torch.testing.assert_close(got, want, atol=train_tol(torch.float32, STEPS, want), rtol=0)
-
-
-def _train_existing(pm, hp, batches):
-    pm.eval()
-    params = [p for p in pm.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(
-        params, lr=hp.lr, betas=hp.betas, eps=hp.eps, weight_decay=hp.weight_decay
-    )
-    for b in batches:
-        opt.zero_grad()
-        logits = pm(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-        loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), b["labels"][:, 1:].reshape(-1),
-            ignore_index=-100,
-        )  # fmt: skip
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, hp.max_grad_norm)
-        opt.step()
-    return pm, None
 
 
 def test_gaussian_init_is_peft_gaussian():
