@@ -67,6 +67,41 @@ def atomic_write_bytes(
     fsync_dir(path.parent)
 
 
+def staged_path_for(path: Path) -> Path:
+    """The fixed name a file waits under until its commit point has passed (see ``stage_bytes``).
+    Fixed, not pid-tagged, so ``verify`` can find what a killed writer had staged."""
+    return path.with_name(f".{path.name}.staged{TMP_SUFFIX}")
+
+
+def stage_bytes(
+    path: str | os.PathLike[str], data: bytes, *, root: str | os.PathLike[str] | None = None
+) -> Path:
+    """Write ``data`` durably beside ``path`` under its staged name, without replacing ``path``.
+
+    Why: a zoo has one commit point (the manifest's rename) but files derived from the manifest
+    (README.md's configs, croissant.json) must change with it. Writing them before the commit
+    would make a killed append's old zoo disagree with its own card; writing them after leaves
+    a window with nothing on disk to finish from. Staged, they are complete before the commit
+    and only a rename after it (``commit_staged``)."""
+    path = check_write_target(path, root=root)
+    staged = staged_path_for(path)
+    try:
+        with create_exclusive(staged) as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        staged.unlink(missing_ok=True)
+        raise
+    return staged
+
+
+def commit_staged(staged: Path, path: str | os.PathLike[str]) -> None:
+    """Rename a staged file over its target (the second half of ``stage_bytes``)."""
+    os.replace(staged, path)
+    fsync_dir(Path(path).parent)
+
+
 def sha256_file(fs: Any, path: str, chunk: int = 8 << 20) -> tuple[str, int]:
     """(hex sha256, byte size) of a file on any fsspec filesystem, streamed."""
     h, n = hashlib.sha256(), 0

@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from lora_zoo._io import atomic_write_bytes
+from lora_zoo._io import atomic_write_bytes, stage_bytes
 from lora_zoo.zoo.schema import MANIFEST_NAME, README_NAME
 
 
@@ -48,4 +48,10 @@ def write_minimal_card(root: Any, manifest: Mapping[str, Any]) -> None:
     atomic_write_bytes(Path(root) / README_NAME, render_minimal_card(manifest).encode(), root=root)
 
 
-__all__ = ["configs_header", "render_minimal_card", "write_minimal_card"]
+def stage_minimal_card(root: Any, manifest: Mapping[str, Any]) -> Path:
+    """Stage README.md for a manifest not yet committed (``ZooWriter.close``); returns the
+    staged file, to be renamed over README.md once the manifest has landed."""
+    return stage_bytes(Path(root) / README_NAME, render_minimal_card(manifest).encode(), root=root)
+
+
+__all__ = ["configs_header", "render_minimal_card", "stage_minimal_card", "write_minimal_card"]

@@ -27,6 +27,7 @@ from lora_zoo._io import (
     local_fs,
     safe_relpath,
     sha256_file,
+    staged_path_for,
 )
 from lora_zoo.errors import LoraZooError, ZooFormatError, reading
 from lora_zoo.zoo.schema import (
@@ -354,37 +355,51 @@ def _check_readme(fs, root: str, m: Mapping[str, Any]) -> list[str]:
     path = join(root, README_NAME)
     if not fs.exists(path):
         return [f"{README_NAME}: missing (datasets.load_dataset needs its configs header)"]
+    got = _readme_data_files(fs, path)
+    if isinstance(got, str):
+        return [got]
+    want = {s: [sh["path"] for sh in sp["shards"]] for s, sp in m["splits"].items() if sp["shards"]}
+    if got == want:
+        return []
+    # a writer killed between the manifest's rename and the card's: the card for this manifest
+    # is staged beside README.md. Still a problem (the Hub would read the old shards), but a
+    # leftover of an interrupted write, said as such, not a README that disagrees on its own.
+    staged = join(root, staged_path_for(Path(README_NAME)).name)
+    if fs.exists(staged) and _readme_data_files(fs, staged) == want:
+        return [
+            f"{staged_path_for(Path(README_NAME)).name}: leftover temp file from an interrupted "
+            f"write: it holds the card for this manifest and README.md is one write behind "
+            f"(the next write or `lora-zoo card` replaces README.md)"
+        ]
+    return [f"{README_NAME}: configs data_files {got} != manifest shards {want}"]
+
+
+def _readme_data_files(fs, path: str) -> dict[str, list[str]] | str:
+    """The default config's data_files of a card, or a problem message. The card is text from
+    strangers: every level of the header may be any YAML type."""
     with fs.open(path, "rb") as f:
         text = f.read().decode("utf-8", "replace")
     if not text.startswith("---"):
-        return [f"{README_NAME}: no YAML header with configs"]
+        return f"{README_NAME}: no YAML header with configs"
     try:
         header = load_untrusted_yaml(text.split("---", 2)[1], file=README_NAME, key="header") or {}
     except ZooFormatError as e:
-        return [str(e)]
-    # the card is text from strangers: every level of the header may be any YAML type
+        return str(e)
     configs = header.get("configs") if isinstance(header, dict) else None
     if not isinstance(configs, list) or not all(isinstance(c, dict) for c in configs):
-        return [f"{README_NAME}: YAML header key 'configs' is not a list of mappings"]
+        return f"{README_NAME}: YAML header key 'configs' is not a list of mappings"
     got: dict[str, list[str]] = {}
     for cfg in configs:
         if cfg.get("config_name", "default") != "default":
             continue
         files = cfg.get("data_files") or []
         if not isinstance(files, list) or not all(isinstance(d, dict) for d in files):
-            return [
-                f"{README_NAME}: YAML header key 'configs.data_files' is not a list of mappings"
-            ]
+            return f"{README_NAME}: YAML header key 'configs.data_files' is not a list of mappings"
         for df in files:
             p = df.get("path")
             if not (
                 isinstance(p, str) or (isinstance(p, list) and all(isinstance(x, str) for x in p))
             ):
-                return [
-                    f"{README_NAME}: YAML header key 'configs.data_files.path' is not a path or list of paths"
-                ]
+                return f"{README_NAME}: YAML header key 'configs.data_files.path' is not a path or list of paths"
             got[str(df.get("split"))] = [p] if isinstance(p, str) else list(p)
-    want = {s: [sh["path"] for sh in sp["shards"]] for s, sp in m["splits"].items() if sp["shards"]}
-    if got != want:
-        return [f"{README_NAME}: configs data_files {got} != manifest shards {want}"]
-    return []
+    return got

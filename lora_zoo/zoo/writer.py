@@ -26,19 +26,20 @@ import pyarrow.parquet as pq
 
 from lora_zoo._io import (
     TMP_SUFFIX,
-    atomic_write_bytes,
     check_write_target,
+    commit_staged,
     fsync_dir,
     map_regular,
     open_regular,
     read_regular,
     safe_mkdirs,
     sha256_file,
+    stage_bytes,
     tmp_path_for,
 )
 from lora_zoo.errors import DuplicateIdError, SchemaConflictError, ZooFormatError
 from lora_zoo.record import LoraRecord
-from lora_zoo.zoo.card_min import write_minimal_card
+from lora_zoo.zoo.card_min import stage_minimal_card
 from lora_zoo.zoo.croissant import CROISSANT_NAME, croissant_bytes
 from lora_zoo.zoo.manifest import read_manifest, write_manifest
 from lora_zoo.zoo.schema import (
@@ -47,6 +48,7 @@ from lora_zoo.zoo.schema import (
     FORMAT_VERSION,
     MANIFEST_NAME,
     MAX_FILES_PER_DIR,
+    README_NAME,
     ROLE_LABEL,
     ROLE_METADATA,
     SHARD_SUFFIX,
@@ -498,13 +500,23 @@ class ZooWriter:
         if self._replacing:
             self._named_splits = self._carried_named_splits()
         manifest = self._manifest(schema)
-        write_minimal_card(self.root, manifest)
-        atomic_write_bytes(
-            self.root / CROISSANT_NAME,
-            croissant_bytes(manifest, name=self.root.resolve().name),
-            root=self.root,
-        )
+        # README.md and croissant.json derive from the manifest: staged before its rename (the
+        # commit point) and renamed after it, so a kill before the commit leaves the old zoo
+        # agreeing with its old card, and one after it leaves the new card staged (verify says so)
+        staged = [
+            (stage_minimal_card(self.root, manifest), self.root / README_NAME),
+            (
+                stage_bytes(
+                    self.root / CROISSANT_NAME,
+                    croissant_bytes(manifest, name=self.root.resolve().name),
+                    root=self.root,
+                ),
+                self.root / CROISSANT_NAME,
+            ),
+        ]
         write_manifest(self.root, manifest)
+        for tmp, final in staged:
+            commit_staged(tmp, final)
         for p in self._superseded:
             p.unlink(missing_ok=True)
         if self._replacing:  # the old zoo's shards (and crash leftovers): data/ is ours alone

@@ -325,3 +325,64 @@ def test_overwrite_keeps_named_splits_and_user_files(tmp_path):
     assert "mine" not in zoo.named_splits  # not served as if it still meant something...
     assert (root / "splits" / "mine.json").read_bytes() == split_file  # ...but never deleted
     assert verify(root) == []
+
+
+class _Killed(BaseException):
+    """Stands in for SIGKILL at one exact line (the kill test hits these windows by chance)."""
+
+
+@pytest.mark.parametrize("where", ["before_manifest", "between_manifest_and_card"])
+def test_kill_around_the_commit_point_keeps_card_and_manifest_in_step(tmp_path, monkeypatch, where):
+    """README.md (configs) and croissant.json derive from the manifest, whose rename is the one
+    commit point. Killed before it, the old zoo must agree with its old card; killed after it,
+    the new card is staged and verify names it as an interrupted write; the next write fixes
+    either. (CI once caught README.md listing an append's new shards beside the old manifest.)"""
+    import lora_zoo.zoo.writer as writer_mod
+
+    root = make_zoo(tmp_path / "z", n=5, shard_max_rows=2)
+    old_ids = load_zoo(root)["train"].ids
+    card_before = (root / "README.md").read_bytes()
+    target = "write_manifest" if where == "before_manifest" else "commit_staged"
+
+    def die(*a, **k):
+        raise _Killed
+
+    monkeypatch.setattr(writer_mod, target, die)
+    w = ZooWriter(root, mode="append", shard_max_rows=2)
+    for i in range(3):
+        w.add(make_record(50 + i, 2), lora_id=f"new-{i}", metadata={"late": 0.5})
+    with pytest.raises(_Killed):
+        w.close()
+    monkeypatch.undo()
+    problems = verify(root)
+    ids = load_zoo(root)["train"].ids
+    if where == "before_manifest":
+        assert ids == old_ids
+        assert (root / "README.md").read_bytes() == card_before
+        assert all("leftover temp file" in p or "not listed in the manifest" in p for p in problems)
+        assert not any(p.startswith("README.md") for p in problems), problems
+    else:
+        assert ids == old_ids + ["new-0", "new-1", "new-2"]
+        readme_problems = [p for p in problems if "README" in p]
+        assert len(readme_problems) == 1 and "interrupted write" in readme_problems[0]
+        assert "one write behind" in readme_problems[0]
+    # the next write finishes the card whichever side of the commit the kill fell on
+    w = ZooWriter(root, mode="append", shard_max_rows=2)
+    w.add(make_record(99, 2), lora_id="after")
+    w.close()
+    # (an append leaves the killed write's unlisted shards for verify to name; overwrite or
+    # `lora-zoo verify` tell the user, nothing here deletes a file it did not just write)
+    assert all("not listed in the manifest" in p for p in verify(root)), verify(root)
+    assert load_zoo(root)["train"].ids[-1] == "after"
+    assert not list(root.glob(".*staged*"))
+
+
+def test_a_readme_that_disagrees_on_its_own_is_not_excused_by_a_staged_card(tmp_path):
+    """The staged-card message is only for a staged card that matches the manifest; a stale
+    staged file beside a hostile README does not turn the mismatch into a leftover."""
+    root = make_zoo(tmp_path / "z", n=4, shard_max_rows=2)
+    good = (root / "README.md").read_text()
+    (root / ".README.md.staged.tmp").write_text(good.replace("train-00000", "train-00009"))
+    (root / "README.md").write_text(good.replace("train-00001", "train-00007"))
+    problems = verify(root)
+    assert any(p.startswith("README.md: configs data_files") for p in problems), problems
