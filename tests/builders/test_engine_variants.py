@@ -11,65 +11,18 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from lora_zoo.engine import LoraSpec, MultiLoraModel, TrainHParams, lr_factor, peft_init_like
+from lora_zoo.engine import LoraSpec, MultiLoraModel, TrainHParams
 from lora_zoo.errors import SelectionError
-from tests.builders.test_engine_vs_peft import make_batches, peft_factors, run_engine, train_tol
 from tests.fixtures.models import tiny_gpt2, tiny_llama
-
-
-def run_peft(base, targets, spec, hp, batches, *, copy_init=True):
-    model = copy.deepcopy(base)
-    cfg = LoraConfig(
-        r=spec.r, lora_alpha=spec.alpha, target_modules=targets, lora_dropout=0.0,
-        use_rslora=spec.use_rslora, use_dora=spec.use_dora,
-        init_lora_weights=True if spec.init == "default" else spec.init,
-        fan_in_fan_out=type(base).__name__.startswith("GPT2"),
-    )  # fmt: skip
-    pm = get_peft_model(model, cfg)
-    if copy_init:
-        peft_init_like(pm, spec)
-    return _peft_train(pm, hp, batches, schedule=True)
-
-
-def _peft_train(pm, hp, batches, *, schedule: bool):
-    """The obvious PEFT loop: AdamW, plain shifted cross-entropy, grad clipping, and (with
-    ``schedule``) the LambdaLR of ``hp``. Returns (model, per-step losses)."""
-    pm.eval()
-    params = [p for p in pm.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(
-        params, lr=hp.lr, betas=hp.betas, eps=hp.eps, weight_decay=hp.weight_decay
-    )
-    sched = (
-        torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: lr_factor(hp.schedule, s, hp.total_steps, hp.warmup_steps)
-        )
-        if schedule
-        else None
-    )
-    losses = []
-    for b in batches:
-        opt.zero_grad()
-        logits = pm(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-        loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), b["labels"][:, 1:].reshape(-1),
-            ignore_index=-100,
-        )  # fmt: skip
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, hp.max_grad_norm)
-        opt.step()
-        if sched is not None:
-            sched.step()
-        losses.append(float(loss.detach()))
-    return pm, losses
-
-
-def peft_magnitudes(pm):
-    return {
-        n.removeprefix("base_model.model.").split(".lora_magnitude_vector")[0]: p.detach()
-        for n, p in pm.named_parameters()
-        if "lora_magnitude_vector" in n
-    }
-
+from tests.reference.peft_runs import (
+    make_batches,
+    peft_factors,
+    peft_magnitudes,
+    peft_train,
+    run_engine,
+    run_peft,
+    train_tol,
+)
 
 STEPS = 8
 DORA_CASES = [
@@ -147,7 +100,7 @@ def test_residual_inits_match_peft_and_its_conversion(init, tmp_path):
     pm = get_peft_model(model, cfg)
     pm.save_pretrained(str(tmp_path / "init"))  # the initial adapter PEFT's conversion reads
     pm.peft_config["default"].init_lora_weights = True
-    pm_trained, _ = _peft_train(pm, hps[0], batches[0], schedule=False)
+    pm_trained, _ = peft_train(pm, hps[0], batches[0], schedule=False)
     pm_trained.save_pretrained(
         str(tmp_path / "conv"), path_initial_model_for_weight_conversion=str(tmp_path / "init")
     )

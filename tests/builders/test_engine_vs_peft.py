@@ -19,113 +19,16 @@ from lora_zoo.engine import (
     MultiLoraModel,
     MultiLoraTrainer,
     TrainHParams,
-    lr_factor,
     peft_init_like,
-    stack_rows,
 )
 from tests.fixtures.models import tiny_gpt2, tiny_llama
-from tests.reference.tolerance import tol
-
-VOCAB = 128
-HIDDEN = 64  # tests.fixtures.models' tiny models: hidden 64, MLP 128, vocab 128
-
-
-def train_tol(dtype: torch.dtype, steps: int, ref: torch.Tensor) -> float:
-    """Trained factors of two implementations of the same training, absolute: each step's
-    forward/backward GEMMs (inner dims <= vocab) and the optimizer add an error ~eps n to the
-    update relative to the factors' size, accumulated over the steps:
-    10 eps(dtype) * (steps * VOCAB) * max|ref|."""
-    return tol(dtype, n=steps * VOCAB, scale=float(ref.abs().max()))
-
-
-def make_batches(seed: int, steps: int, b: int, t: int) -> list[dict[str, torch.Tensor]]:
-    """Random token batches for one LoRA; a few label positions ignored, like prompt masking."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(steps):
-        ids = torch.randint(1, VOCAB, (b, t), generator=g)
-        labels = ids.clone()
-        labels[:, :2] = -100
-        out.append({"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)})
-    return out
-
-
-PAD = {"input_ids": 0, "labels": -100, "attention_mask": 0}
-
-
-def run_engine(base, targets, specs, hps, batches):
-    model = copy.deepcopy(base)
-    mm = MultiLoraModel(model, targets, specs, dtype=torch.float64)
-    tr = MultiLoraTrainer(mm, hps)
-    k = len(specs)
-    step = 0
-    while not tr.done:
-        per = [bs[step] if step < len(bs) else None for bs in batches]
-        batch = stack_rows(per, PAD)
-
-        def closure(batch=batch):
-            logits = model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-            ).logits
-            return causal_lm_losses(logits, batch["labels"], k)
-
-        tr.step(closure)
-        step += 1
-    return mm, tr
-
-
-def run_peft(base, targets, spec, hp, batches):
-    model = copy.deepcopy(base)
-    cfg = LoraConfig(
-        r=spec.r,
-        lora_alpha=spec.alpha,
-        target_modules=targets,
-        lora_dropout=0.0,
-        use_rslora=spec.use_rslora,
-        fan_in_fan_out=type(base).__name__.startswith("GPT2"),
-    )
-    pm = get_peft_model(model, cfg)
-    peft_init_like(pm, spec)
-    pm.eval()
-    params = [p for p in pm.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(
-        params, lr=hp.lr, betas=hp.betas, eps=hp.eps, weight_decay=hp.weight_decay
-    )
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(hp.schedule, s, hp.total_steps, hp.warmup_steps)
-    )
-    losses = []
-    for b in batches:
-        opt.zero_grad()
-        out = pm(**b)
-        # HF's loss upcasts logits to float32; recompute it in float64 (plain shifted CE) so
-        # the comparison is limited by float64 round-off, and check HF agrees to float32.
-        logits = out.logits
-        loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]),
-            b["labels"][:, 1:].reshape(-1),
-            ignore_index=-100,
-        )
-        # HF's float32 log-softmax: each token's loss within ~eps32 |logits| (one rounding of the
-        # logits and the logsumexp), the mean over b * t tokens: 10 eps32 (b t) loss
-        t_hf = tol(torch.float32, n=b["labels"].numel(), scale=max(float(loss), 1.0))
-        assert abs(float(out.loss.detach()) - float(loss.detach())) < t_hf
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, hp.max_grad_norm)
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
-    return pm, losses
-
-
-def peft_factors(pm):
-    out = {}
-    for name, m in pm.named_modules():
-        if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {}):
-            key = name.removeprefix("base_model.model.")
-            out[key] = (m.lora_A["default"].weight.detach(), m.lora_B["default"].weight.detach())
-    return out
-
+from tests.reference.peft_runs import (
+    make_batches,
+    peft_factors,
+    run_engine,
+    run_peft,
+    train_tol,
+)
 
 CASES = [
     # (spec, hparams, batch size, steps, seq len)

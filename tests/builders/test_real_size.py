@@ -25,7 +25,7 @@ import torch
 from lora_zoo.builders.causal_lm.estimate import HUB_ARCHITECTURES
 from lora_zoo.builders.causal_lm.model import build_from_config
 from lora_zoo.engine import LoraSpec, TrainHParams
-from tests.builders.test_engine_vs_peft import peft_factors, run_engine, run_peft
+from tests.reference.peft_runs import peft_factors, run_engine, run_peft
 from tests.reference.tolerance import tol
 
 # minutes on 2 CPU cores, more on a loaded one: above the suite's default 600 s timeout
