@@ -489,6 +489,29 @@ def cache_for(ds: Any, mode: bool | str = "auto") -> ViewCache | None:
     return vc
 
 
+def cached_split_batch(
+    split: Any, view: str, labels: Sequence[str] = (), device: Any = None
+) -> dict[str, Any] | None:
+    """A whole physical split as one collated batch of ``view`` from a valid cache (what
+    ``LoraIterableDataset(split, view, batch_size=len(split))`` yields, the same bytes), or
+    None to compute it: no cache, a non-CPU device, or a stale one (logged)."""
+    from lora_zoo.errors import LoraZooError
+    from lora_zoo.zoo.reader import ZooSplit
+
+    dev = None if device is None else torch.device(device)
+    ok = view in VIEW_VERSIONS and isinstance(split, ZooSplit) and len(split) > 0
+    if not ok or (dev is not None and dev.type != "cpu"):
+        return None
+    try:
+        vc = open_view_cache(split.zoo, view)
+        if vc is None:
+            return None
+        return next(iter_cached_batches(vc, split.name, len(split), labels))
+    except LoraZooError as e:
+        logger.warning("%s (the view cache is not used; computing %s)", e, view)
+        return None
+
+
 def cached_views(ds: Any, vc: ViewCache, i: int) -> dict[str, dict[str, Any]]:
     """Row ``i``'s views from the cache, as ``ds._views`` would give them (selected modules, in
     the decoder's order)."""
@@ -616,6 +639,7 @@ def _group_views(mat: np.ndarray, base: int, plan: dict[str, Any]) -> dict[str, 
 __all__ = [
     "VIEW_VERSIONS",
     "cache_for",
+    "cached_split_batch",
     "cached_views",
     "iter_cached_batches",
     "ViewCache",

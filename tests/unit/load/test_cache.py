@@ -232,3 +232,18 @@ def test_cli_views_builds_and_reports(zoo, capsys):
     _edit_manifest(cache.cache_folder(zoo, "svals"), view_version=0)
     assert main(["views", zoo.root]) == 1
     assert "svals: not usable" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("view", ["svals", "canonical"])
+def test_bench_in_memory_path_reads_the_cache(zoo, view, monkeypatch):
+    from lora_zoo.lol import bench
+
+    want = bench.load_view(zoo["train"], view, ["score"], torch.device("cpu"))  # computed
+    cache.build_view_cache(zoo, view, progress=False)
+    got = bench.load_view(zoo["train"], view, ["score"], torch.device("cpu"))
+    _assert_same_batch(got, want)
+    # it came from the cache: with the zoo's weights unreadable it still loads
+    monkeypatch.setattr(
+        type(zoo["train"]), "read_rows", lambda *a, **k: pytest.fail("weights were read")
+    )
+    _assert_same_batch(bench.load_view(zoo["train"], view, ["score"], None), want)
