@@ -349,7 +349,9 @@ def _mapped_part(path: Path, sha256: str, folder: Path) -> Any:
     """The part's bytes (a read-only memory map), after checking their sha256: the reads use
     these very bytes. Hashed once per process per file identity (path, device, inode, size,
     mtime): a replaced or rewritten file is a new identity and is hashed again; reopening the
-    same file (each epoch, each bench repeat) is not hashed twice."""
+    same file (each epoch, each bench repeat) is not hashed twice. What this leaves open (a
+    same-size rewrite in place within one timestamp tick) is no wider than the memory map
+    itself, which shows later in-place writes to the file, as the zoo reader's maps do."""
     with reading(path, "sha256"):
         mm = map_regular(path, root=folder)
         st = path.stat()

@@ -247,3 +247,29 @@ def test_bench_in_memory_path_reads_the_cache(zoo, view, monkeypatch):
         type(zoo["train"]), "read_rows", lambda *a, **k: pytest.fail("weights were read")
     )
     _assert_same_batch(bench.load_view(zoo["train"], view, ["score"], None), want)
+
+
+def test_part_changed_after_a_verified_open_is_hashed_again(zoo):
+    """The per-process hash memo is keyed on the file's identity: a part replaced (new inode)
+    or rewritten (new mtime) after one verified open is hashed again and refused."""
+    import os
+
+    folder = cache.build_view_cache(zoo, "svals", progress=False)
+    cache.open_view_cache(zoo, "svals").table("train")  # verified: remembered
+    part = folder / cache.part_name("train", 0)
+    data = bytearray(part.read_bytes())
+    data[len(data) // 2] ^= 1
+    forged = part.with_name("forged.tmp")
+    forged.write_bytes(bytes(data))
+    os.replace(forged, part)  # a new inode under the old name
+    with pytest.raises(IntegrityError, match="modified"):
+        cache.open_view_cache(zoo, "svals").table("train")
+    data[len(data) // 2] ^= 1  # the good bytes again (verified, remembered) ...
+    part.write_bytes(bytes(data))
+    cache.open_view_cache(zoo, "svals").table("train")
+    st = part.stat()
+    data[len(data) // 2] ^= 1  # ... then rewritten in place, same size, a later mtime
+    part.write_bytes(bytes(data))
+    os.utime(part, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    with pytest.raises(IntegrityError, match="modified"):
+        cache.open_view_cache(zoo, "svals").table("train")
