@@ -273,3 +273,17 @@ def test_part_changed_after_a_verified_open_is_hashed_again(zoo):
     os.utime(part, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
     with pytest.raises(IntegrityError, match="modified"):
         cache.open_view_cache(zoo, "svals").table("train")
+
+
+def test_dataset_from_a_path_pickles_and_reopens_the_cache(zoo):
+    import pickle
+
+    cache.build_view_cache(zoo, "svals", progress=False)
+    ds = LoraDataset(zoo.root, "svals", split="train", labels=["score"])
+    assert ds._vcache is not None
+    clone = pickle.loads(pickle.dumps(ds))  # what a spawned DataLoader worker gets
+    assert clone._vcache is None
+    _assert_same_item(
+        clone[3], LoraDataset(zoo.root, "svals", split="train", labels=["score"], cache=False)[3]
+    )
+    assert clone._vcache is not None  # reopened (and verified) at the first item
