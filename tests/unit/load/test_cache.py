@@ -287,3 +287,27 @@ def test_dataset_from_a_path_pickles_and_reopens_the_cache(zoo):
         clone[3], LoraDataset(zoo.root, "svals", split="train", labels=["score"], cache=False)[3]
     )
     assert clone._vcache is not None  # reopened (and verified) at the first item
+
+
+def test_dora_magnitudes_are_cached_beside_the_view(tmp_path):
+    """A DoRA module's magnitude M goes beside whatever the view gives (as in the datasets);
+    the cache stores it too, with the same bytes."""
+    g = torch.Generator().manual_seed(7)
+    with ZooWriter(tmp_path / "dora") as w:
+        for i, r in enumerate([4, 2, 4]):
+            rec = _record(i, r, torch.float32)
+            mods = {
+                n: LoraModule(
+                    m.A, m.B, m.alpha, m.scale, magnitude=torch.rand(m.out_features, generator=g)
+                )
+                for n, m in rec.modules.items()
+            }
+            w.add(
+                LoraRecord(mods, {**rec.config, "use_dora": True}, rec.lora_id), lora_id=rec.lora_id
+            )
+    zoo = load_zoo(tmp_path / "dora")
+    cache.build_view_cache(zoo, "canonical", progress=False)
+    want = next(iter(LoraIterableDataset(zoo["train"], "canonical", batch_size=8)))
+    assert "M" in next(iter(want["modules"].values()))
+    got = next(cache.iter_cached_batches(cache.open_view_cache(zoo, "canonical"), "train", 8))
+    _assert_same_batch(got, want)
