@@ -425,7 +425,9 @@ def iter_cached_batches(
     cache: ViewCache, split: str, batch_size: int, labels: Sequence[str] = ()
 ) -> Iterator[dict[str, Any]]:
     """Collated batches of ``batch_size`` rows in row order, the format (and, for these views,
-    the values) of ``LoraIterableDataset(split, view, batch_size=B, labels=labels)``."""
+    the values) of ``LoraIterableDataset(split, view, batch_size=B, labels=labels)``. The view
+    tensors are strided views of the cache's Arrow buffer (no copy): read them, or copy before
+    writing (like the streaming dataset's unfolded factors)."""
     from lora_zoo.load.collate import _arrow_labels, _merge
 
     sp = cache.zoo[split]
@@ -524,11 +526,14 @@ def cached_split_batch(
 
 def cached_views(ds: Any, vc: ViewCache, i: int) -> dict[str, dict[str, Any]]:
     """Row ``i``'s views from the cache, as ``ds._views`` would give them (selected modules, in
-    the decoder's order)."""
+    the decoder's order). Copies, not views of the cache's buffer: the dataset keeps that
+    buffer for every later item, and a caller may write into what an item hands out."""
     cell = vc.table(ds.split.name).column("views").slice(i, 1)
     ((_, views),) = decode_cells(cell, str(vc.folder))
-    keep = ds._select(list(views))
-    return {n: views[n] for n in keep}
+    return {
+        n: {k: t.clone() if torch.is_tensor(t) else t for k, t in views[n].items()}
+        for n in ds._select(list(views))
+    }
 
 
 def open_view_cache(

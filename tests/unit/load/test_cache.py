@@ -311,3 +311,12 @@ def test_dora_magnitudes_are_cached_beside_the_view(tmp_path):
     assert "M" in next(iter(want["modules"].values()))
     got = next(cache.iter_cached_batches(cache.open_view_cache(zoo, "canonical"), "train", 8))
     _assert_same_batch(got, want)
+
+
+def test_writing_into_an_item_does_not_change_the_cache(zoo):
+    cache.build_view_cache(zoo, "canonical", progress=False)
+    ds = LoraDataset(zoo["train"], "canonical")
+    name = next(iter(ds[0]["modules"]))
+    before = ds[0]["modules"][name]["U"].clone()
+    ds[0]["modules"][name]["U"].zero_()  # a caller's in-place op on what it was handed
+    assert torch.equal(ds[0]["modules"][name]["U"], before)
