@@ -392,9 +392,10 @@ class ViewCache:
                 self._tables[split] = sch.empty_table()
         return self._tables[split]
 
-    def _part(self, split: str, k: int, a: int, b: int, sh: dict[str, Any]) -> pa.Table:
+    def _mapped(self, split: str, k: int, a: int, b: int, sh: dict[str, Any]) -> tuple[Path, Any]:
+        """(path, verified memory map) of the part of shard ``k``, which must be listed for
+        exactly that shard and row count."""
         name = part_name(split, k)
-        path = self.folder / name
         p = self.manifest["parts"].get(name)
         if p is None or p["shard"] != str(sh["path"]) or p["num_rows"] != b - a:
             raise IntegrityError(
@@ -402,42 +403,80 @@ class ViewCache:
                 file=self.folder / MANIFEST,
                 key=f"parts.{name}",
             )
-        mm = _mapped_part(path, p["sha256"], self.folder)
-        with reading(path, "parquet"):
-            t = pq.read_table(pa.py_buffer(mm), columns=["lora_id", "views"])
-            if t.schema.field("views").type != pa.binary():
-                raise CorruptFileError("'views' is not a binary column", file=path, key="views")
-        want = self.zoo[split].ids[a:b]
+        return self.folder / name, _mapped_part(self.folder / name, p["sha256"], self.folder)
+
+    def _check(self, t: Any, want: list[str], path: Path) -> None:
+        if t.schema.field("views").type != pa.binary():
+            raise CorruptFileError("'views' is not a binary column", file=path, key="views")
         if t.column("lora_id").to_pylist() != want:
             raise IntegrityError(
                 "view cache rows are not the zoo shard's rows", file=path, key="lora_id"
             )
+
+    def _part(self, split: str, k: int, a: int, b: int, sh: dict[str, Any]) -> pa.Table:
+        path, mm = self._mapped(split, k, a, b, sh)
+        with reading(path, "parquet"):
+            t = pq.read_table(pa.py_buffer(mm), columns=["lora_id", "views"])
+            self._check(t, self.zoo[split].ids[a:b], path)
         return t
 
-    def iter_tables(self, split: str, batch_size: int) -> Iterator[pa.Table]:
-        t = self.table(split)
-        for a in range(0, t.num_rows, max(1, batch_size)):
-            yield t.slice(a, batch_size)
+    def iter_tables(self, split: str, batch_size: int, *, stream: bool = False) -> Iterator[Any]:
+        """Tables of ``batch_size`` rows (the last may be shorter) in row order, across parts.
+        ``stream=False``: slices of ``table(split)`` (each part read whole: the fastest read,
+        the split's cached view held in memory); ``stream=True``: record batches read part by
+        part (memory: about one batch), each checked against the zoo's ids."""
+        size = max(1, batch_size)
+        if not stream:
+            t = self.table(split)
+            for a in range(0, t.num_rows, size):
+                yield t.slice(a, size)
+            return
+        pending: list[Any] = []
+        have = 0
+        for k, (a, b, sh) in enumerate(_shard_ranges(self.zoo, split)):
+            path, mm = self._mapped(split, k, a, b, sh)
+            ids, pos = self.zoo[split].ids[a:b], 0
+            with reading(path, "parquet"):
+                for rb in pq.ParquetFile(pa.py_buffer(mm)).iter_batches(
+                    size, columns=["lora_id", "views"]
+                ):
+                    self._check(rb, ids[pos : pos + rb.num_rows], path)
+                    pos += rb.num_rows
+                    pending.append(pa.Table.from_batches([rb]))
+                    have += rb.num_rows
+                    while have >= size:
+                        cat = pa.concat_tables(pending)
+                        yield cat.slice(0, size)
+                        rest = cat.slice(size)
+                        pending, have = ([rest] if rest.num_rows else []), rest.num_rows
+            if pos != b - a:
+                raise IntegrityError(f"{pos} rows, not {b - a}", file=path, key="num_rows")
+        if have:
+            yield pa.concat_tables(pending)
 
 
-# ---- use by the datasets and the bench -----------------------------------------------------------
 def iter_cached_batches(
-    cache: ViewCache, split: str, batch_size: int, labels: Sequence[str] = ()
+    cache: ViewCache,
+    split: str,
+    batch_size: int,
+    labels: Sequence[str] = (),
+    *,
+    stream: bool = False,
 ) -> Iterator[dict[str, Any]]:
     """Collated batches of ``batch_size`` rows in row order, the format (and, for these views,
     the values) of ``LoraIterableDataset(split, view, batch_size=B, labels=labels)``. The view
     tensors are strided views of the cache's Arrow buffer (no copy): read them, or copy before
-    writing (like the streaming dataset's unfolded factors)."""
+    writing (like the streaming dataset's unfolded factors). ``stream``: see
+    ``ViewCache.iter_tables`` (memory of about one batch instead of the split's cached view)."""
     from lora_zoo.load.collate import _arrow_labels, _merge
 
     sp = cache.zoo[split]
     where = str(cache.folder)
     cols = ["lora_id", "base_model", *(c for c in labels if c not in ("lora_id", "base_model"))]
     small_all = sp.table(columns=cols)
-    views = cache.table(split)
-    for a in range(0, views.num_rows, max(1, batch_size)):
-        ct = views.slice(a, batch_size)
-        small = small_all.slice(a, batch_size).combine_chunks().to_batches()[0]
+    a = 0
+    for ct in cache.iter_tables(split, batch_size, stream=stream):
+        small = small_all.slice(a, ct.num_rows).combine_chunks().to_batches()[0]
         ids = small.column("lora_id").to_pylist()
         modules, info = _merge(decode_cells(ct.column("views"), where), len(ids), where)
         labs, masks = _arrow_labels(small, list(labels))
@@ -450,6 +489,7 @@ def iter_cached_batches(
             "labels": labs,
             "label_mask": masks,
         }
+        a += len(ids)
 
 
 def _why_not(ds: Any) -> str | None:

@@ -84,13 +84,14 @@ def test_cached_views_are_the_computed_bytes(zoo, view):
     vc = cache.open_view_cache(zoo, view)
     assert vc is not None
     for split in zoo.splits:
-        for bs in (64, 3):  # one batch (several rank groups) and batches across shards
-            got = list(cache.iter_cached_batches(vc, split, bs, ["score"]))
+        for bs in (64, 3, 4):  # one batch (several rank groups); batches across shards
             ds = LoraIterableDataset(zoo[split], view, batch_size=bs, labels=["score"])
             want = list(ds)
-            assert len(got) == len(want)
-            for g, w in zip(got, want):
-                _assert_same_batch(g, w)
+            for stream in (False, True):  # parts read whole, or batch by batch
+                got = list(cache.iter_cached_batches(vc, split, bs, ["score"], stream=stream))
+                assert len(got) == len(want)
+                for g, w in zip(got, want):
+                    _assert_same_batch(g, w)
         cached = LoraDataset(zoo[split], view, labels=["score"], modules="layers.0.*")
         computed = LoraDataset(
             zoo[split], view, labels=["score"], modules="layers.0.*", cache=False
