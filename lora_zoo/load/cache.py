@@ -245,7 +245,16 @@ def build_view_cache(
             key="--cache",
         )
     key = cache_key(zoo, view)
-    man = {**key, "complete": False, "parts": _resumable_parts(folder, key)}
+    expect = {
+        part_name(s, k): (s, str(sh["path"]), b - a)
+        for s in zoo.splits
+        for k, (a, b, sh) in enumerate(_shard_ranges(zoo, s))
+    }
+    kept = _resumable_parts(folder, key)
+    kept = {  # only parts of this zoo's shards, as the reader will ask for them
+        n: p for n, p in kept.items() if expect.get(n) == (p["split"], p["shard"], p["num_rows"])
+    }
+    man = {**key, "complete": False, "parts": kept}
     todo = [
         (s, k, a, b, sh)
         for s in zoo.splits
