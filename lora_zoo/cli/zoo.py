@@ -1,4 +1,5 @@
-"""CLI verbs on a zoo folder: ``info``, ``verify``, ``split``, ``env``, ``card``, ``analyze``."""
+"""CLI verbs on a zoo folder: ``info``, ``verify``, ``split``, ``env``, ``card``, ``analyze``,
+``views``."""
 
 from __future__ import annotations
 
@@ -58,6 +59,20 @@ def register(sub: Any) -> None:
     p.add_argument("--intruder-eps", type=float, default=0.5, help="|cosine| threshold")
     p.add_argument("--card", action="store_true", help="re-render README.md and plots after")
     p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser(
+        "views", help="cache invariant views (canonical, svals) beside a zoo; show their state"
+    )
+    p.add_argument("zoo", help="local zoo folder (the cache goes to ZOO/.cache/views/)")
+    p.add_argument(
+        "--cache",
+        default=None,
+        metavar="VIEWS",
+        help="comma-separated views to compute and store (resumable), e.g. canonical,svals; "
+        "without it, print each cacheable view's cache state",
+    )
+    p.add_argument("--cache-dir", default=None, help="store the cache here instead")
+    p.set_defaults(func=cmd_views)
 
     p = sub.add_parser("card", help="render README.md (dataset card) and plots of a zoo folder")
     p.add_argument("dir", help="local zoo folder")
@@ -138,6 +153,31 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     problems = verify_source(args.zoo, args.revision, hashes=not args.no_hash)
     return report_problems(args.zoo, problems, ok=f"{args.zoo}: OK")
+
+
+def cmd_views(args: argparse.Namespace) -> int:
+    """Build the asked view caches, then print the state of every cacheable view's cache."""
+    from lora_zoo.errors import LoraZooError
+    from lora_zoo.load import cache
+    from lora_zoo.load.source import load_zoo
+
+    zoo = load_zoo(args.zoo)
+    for view in cache.parse_views(args.cache) if args.cache else []:
+        cache.build_view_cache(zoo, view, cache_root=args.cache_dir)
+    bad = 0
+    for view in cache.cacheable_views():
+        folder = cache.cache_folder(zoo, view, args.cache_dir)
+        try:
+            vc = cache.open_view_cache(zoo, view, cache_root=args.cache_dir)
+            if vc is not None:
+                for split in zoo.splits:
+                    vc.table(split)  # every part: sha256 and row ids
+        except LoraZooError as e:
+            print(f"{view}: not usable: {e}")
+            bad += 1
+            continue
+        print(f"{view}: {'cached, verified' if vc else 'not cached'} ({folder})")
+    return 1 if bad else 0
 
 
 def report_problems(where: object, problems: list[str], *, ok: str) -> int:

@@ -305,8 +305,19 @@ class LoraDataset(_ZooViews, Dataset):
     "modules": {name: {view outputs..., "rank", "features"}}, "labels": {...}}``. Batch with
     ``collate_loras``."""
 
-    def __init__(self, split_or_path: Any, view: str = "factors", **kwargs: Any) -> None:
+    def __init__(
+        self,
+        split_or_path: Any,
+        view: str = "factors",
+        *,
+        cache: bool | str = "auto",
+        **kwargs: Any,
+    ) -> None:
         super().__init__(split_or_path, view, **kwargs)
+        from lora_zoo.load.cache import cache_for  # ``cache``: see there (auto / require / off)
+
+        self._cache_mode = cache
+        self._vcache = cache_for(self, cache)  # a verified cache of this view, or None
         self._ids = list(self.split.ids)
         cols = [*self.labels, *(["base_model"] if "base_model" not in self.labels else [])]
         table = self.split.table(columns=cols)
@@ -320,10 +331,26 @@ class LoraDataset(_ZooViews, Dataset):
         """Every label of the split at once, as a batch would hold them: (labels, masks)."""
         return labels_to_batch(self._labels), label_masks(self._labels)
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_vcache"] = None  # memory maps do not pickle: a worker reopens (and re-verifies)
+        state["_vcache_todo"] = self._vcache is not None
+        return state
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         import pyarrow as pa
 
         i = int(i)
+        if self.__dict__.pop("_vcache_todo", False):
+            from lora_zoo.load.cache import cache_for
+
+            self._vcache = cache_for(self, self._cache_mode)
+        if self._vcache is not None:  # the view as cached: the same bytes, no decode or SVD
+            from lora_zoo.load.cache import cached_views
+
+            views = cached_views(self, self._vcache, i)
+            labels = {c: [vals[i]] for c, vals in self._labels.items()}
+            return _items(views, [0], [self._ids[i]], [i], labels, [self._base[i]])[0]
         lid, data, cfg = self.split.cell(i)  # the id as read from the row decoded
         ((rows, fac),) = decode_weight_batch(
             pa.array([data], pa.binary()),

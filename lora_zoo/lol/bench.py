@@ -187,7 +187,13 @@ def validation_carve(zoo: Any, ids: list[str], fraction: float, seed: int) -> di
 
 
 def load_view(split: Any, view: str, labels: Sequence[str], device: torch.device) -> dict[str, Any]:
-    """The whole split as one collated batch of ``view`` (labels as tensors + masks)."""
+    """The whole split as one collated batch of ``view`` (labels as tensors + masks): read from
+    the zoo's view cache when one is valid (``lora-zoo views ZOO --cache``), else computed."""
+    from lora_zoo.load.cache import cached_split_batch
+
+    cached = cached_split_batch(split, view, labels, device)
+    if cached is not None:
+        return cached
     ds = LoraIterableDataset(
         split, view, batch_size=max(1, len(split)), labels=list(labels), device=device
     )
