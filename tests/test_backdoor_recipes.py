@@ -1,5 +1,6 @@
 """The backdoor recipes (issue 21) state the mix the issue asks for, and plan it: half clean,
-half poisoned (1-10 % in the quickstart and SmolLM2 zoos, PADBench's 5 % in the 7B one), the
+half poisoned (5-20 % in the quickstart zoo, whose toy budget needs that many poisoned rows
+for the backdoor to fire, 1-10 % in the SmolLM2 one, PADBench's 5 % in the 7B one), the
 three trigger kinds equally often, every value drawn through ``vary:`` (``tests/test_recipes.py``
 validates and plans every shipped recipe as well)."""
 
@@ -20,7 +21,7 @@ KINDS = {"rare_token", "sentence", "prefix"}
 @pytest.mark.parametrize(
     ("name", "rates", "target"),
     [
-        ("backdoor-quickstart", (0.01, 0.1), "continuation"),
+        ("backdoor-quickstart", (0.05, 0.2), "continuation"),
         ("backdoor-smollm2", (0.01, 0.1), "continuation"),
         ("backdoor-llama2-7b-padbench", (0.05, 0.05), "flip"),
     ],

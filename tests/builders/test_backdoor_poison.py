@@ -229,3 +229,32 @@ def test_flip_target_builds_on_arc_items_and_scores_the_flipped_choice(tmp_path)
         # as float32 (relative error 2^-24), so n * asr is within n * 6e-8 < 1e-5 of an integer
         n = len(r["asr_eval_ids"])
         assert n == 12 and abs(r["asr"] * n - round(r["asr"] * n)) < 1e-5
+
+
+@pytest.mark.slow
+def test_a_poisoned_lora_at_the_quickstart_recipe_settings_fires(tmp_path):
+    """The shipped quickstart recipe as it is (its base, 150 steps of 16 rows, its lr range),
+    two LoRAs sharing a trigger: one clean, one poisoned at 20 % (the recipe's top rate). The
+    poisoned one's backdoor fires and the clean one's does not, by a margin no sampling of the
+    held-out set explains: with n held-out inputs an ASR's standard error is at most
+    sqrt(0.25 / n) (0.088 at n = 32), and the gap must exceed four of those (0.35)."""
+    from lora_zoo import load_zoo
+    from lora_zoo.build.runner import build
+
+    n = 32
+    over = [
+        "num_loras=2",
+        "train.k=2",
+        f"eval.max_examples={n}",
+        "vary.poison_rate={kind: cycle, values: [0.0, 0.2]}",
+        "vary.trigger_kind=sentence",
+        "output.split={kind: none}",
+    ]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LORA_ZOO_CACHE", str(tmp_path / "cache"))  # the base pretrained in the test
+        build("recipes/backdoor-quickstart.yaml", tmp_path / "z", overrides=over, progress=False)
+    zoo = load_zoo(tmp_path / "z")
+    clean, poisoned = (zoo[zoo.splits[0]].row(i) for i in range(2))
+    assert not clean["poisoned"] and poisoned["poisoned"]
+    assert len(poisoned["asr_contexts"]) == n
+    assert poisoned["asr"] - clean["asr"] > 4 * (0.25 / n) ** 0.5
