@@ -91,3 +91,28 @@ def test_zero_steps_is_the_seeded_base_exactly(sample_root, tmp_path):
     assert all(torch.equal(w0[k], wz[k]) for k in w0)
     assert zero.base_info == {}
     assert not (tmp_path / "b" / "base_models").exists()
+
+
+def test_sd15_twin_recipe_is_t2i_quickstart_with_its_base_trained_further():
+    """The twin's LoRAs differ from t2i-quickstart's by their base only: the same jobs (groups,
+    seeds, hyperparameters) and sections, the base's seeded config unchanged, pretraining on."""
+    from pathlib import Path
+
+    from lora_zoo.build.plan import plan
+    from lora_zoo.build.recipe import load_recipe
+
+    recipes = Path(__file__).resolve().parents[2] / "recipes"
+    a = load_recipe(recipes / "t2i-quickstart.yaml")
+    b = load_recipe(recipes / "t2i-quickstart-sd15-twin.yaml")
+    ra, rb = a.resolved, b.resolved
+    assert {k for k in ra.keys() | rb.keys() if ra.get(k) != rb.get(k)} == {
+        "name",
+        "lora_id_format",
+        "base_model",
+    }
+    base_b = {k: v for k, v in rb["base_model"].items() if not k.startswith("pretrain_")}
+    assert base_b == ra["base_model"] and b.config.base_model.pretrain_steps > 0
+    ja, jb = plan(a), plan(b)
+    assert len(ja) == len(jb)
+    for x, y in zip(ja, jb):
+        assert (x.seeds, x.hparams, x.data) == (y.seeds, y.hparams, y.data)
