@@ -8,10 +8,13 @@ records the same base facts, and steps = 0 leaves today's seeded weights untouch
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
+from lora_zoo.build.plan import plan
+from lora_zoo.build.recipe import load_recipe
 from lora_zoo.builders.text_to_image import Config, TextToImageBuilder
 from lora_zoo.builders.text_to_image import pretrain as pretrain_mod
 from lora_zoo.builders.text_to_image.data import materialize_sample_images
@@ -96,11 +99,6 @@ def test_zero_steps_is_the_seeded_base_exactly(sample_root, tmp_path):
 def test_sd15_twin_recipe_is_t2i_quickstart_with_its_base_trained_further():
     """The twin's LoRAs differ from t2i-quickstart's by their base only: the same jobs (groups,
     seeds, hyperparameters) and sections, the base's seeded config unchanged, pretraining on."""
-    from pathlib import Path
-
-    from lora_zoo.build.plan import plan
-    from lora_zoo.build.recipe import load_recipe
-
     recipes = Path(__file__).resolve().parents[2] / "recipes"
     a = load_recipe(recipes / "t2i-quickstart.yaml")
     b = load_recipe(recipes / "t2i-quickstart-sd15-twin.yaml")
@@ -116,3 +114,10 @@ def test_sd15_twin_recipe_is_t2i_quickstart_with_its_base_trained_further():
     assert len(ja) == len(jb)
     for x, y in zip(ja, jb):
         assert (x.seeds, x.hparams, x.data) == (y.seeds, y.hparams, y.data)
+    # `plan --estimate` says the base's pretraining is outside its per-LoRA figures
+    notes = TextToImageBuilder.cost_model(
+        b.config
+    ).assumptions  # (t2i-quickstart's has no such note: steps 0)
+    assert [n for n in notes if "pretraining" in n] == [
+        "not counted: the base's 200 full-UNet pretraining steps x 8 images (once per build, cached)"
+    ]
