@@ -9,8 +9,6 @@ build (and every rebuild) uses the identical base without retraining it.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -18,10 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_model, save_model
 
-from lora_zoo.build.api import cache_root
+from lora_zoo.build.api import base_key_digest, cache_root, cached_trained_base, pretrain_lr_lambda
 from lora_zoo.errors import BuildError
 from lora_zoo.progress import track
 
@@ -101,9 +97,7 @@ def _pretrain(
     g: torch.Generator,
 ) -> list[float]:
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / max(1, steps // 10)) * max(0.0, 1 - s / steps)
-    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, pretrain_lr_lambda(steps))
     model.train()
     losses = []
     for _ in track(range(steps), desc="pretrain base", unit="step", nested=True):
@@ -149,52 +143,38 @@ def load_config_model(
         # 2: pretrain losses stored in the file metadata; 3: batches drawn with torch.Generator
         "cache_format": 3,
     }
-    digest = hashlib.sha256(json.dumps(key_doc, sort_keys=True).encode()).hexdigest()[:16]
+    digest = base_key_digest(key_doc)
     model = build_from_config(
         section.architecture, section.config, tokenizer.vocab_size, section.seed
     )
     info: dict[str, Any] = {"base_model_hash": digest, "pretrain_steps": section.pretrain_steps}
     if section.pretrain_steps <= 0:
         return model.eval(), info
-    path = cache_root(cache_dir) / "base_models" / f"{section.architecture}-{digest}.safetensors"
-    if path.exists():
-        load_model(model, str(path), strict=True)
-        logger.info("loaded pretrained base from cache %s", path)
-        # per-LoRA metadata must not depend on whether this worker found the cache (a resumed or
-        # sharded build would otherwise differ from a clean one): the losses travel with the file
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        info.update(json.loads(meta.get("lora_zoo.pretrain", "{}")))
-        return model.eval(), info
-    losses = pretrain(
-        model,
-        pretrain_rows,
-        steps=section.pretrain_steps,
-        lr=section.pretrain_lr,
-        batch_size=section.pretrain_batch_size,
-        seed=section.seed,
-        pad_id=tokenizer.pad_id,
+
+    def train() -> dict[str, float]:
+        losses = pretrain(
+            model,
+            pretrain_rows,
+            steps=section.pretrain_steps,
+            lr=section.pretrain_lr,
+            batch_size=section.pretrain_batch_size,
+            seed=section.seed,
+            pad_id=tokenizer.pad_id,
+        )
+        logger.info(
+            "pretrained base %d steps: loss %.3f -> %.3f",
+            section.pretrain_steps,
+            losses[0],
+            losses[-1],
+        )
+        return {"pretrain_loss_first": losses[0], "pretrain_loss_last": losses[-1]}
+
+    # the file name and metadata are the ones this builder always wrote: existing caches stay hits
+    info.update(
+        cached_trained_base(
+            model, key_doc, name=section.architecture, cache_dir=cache_dir, train=train
+        )
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    stats = {"pretrain_loss_first": losses[0], "pretrain_loss_last": losses[-1]}
-    save_model(
-        model,
-        str(tmp),
-        metadata={
-            "lora_zoo.key": json.dumps(key_doc, sort_keys=True),
-            "lora_zoo.pretrain": json.dumps(stats),
-        },
-    )
-    os.replace(tmp, path)  # atomic: concurrent shards never read a half-written base
-    logger.info(
-        "pretrained base %d steps: loss %.3f -> %.3f; cached %s",
-        section.pretrain_steps,
-        losses[0],
-        losses[-1],
-        path,
-    )
-    info.update(stats)
     return model.eval(), info
 
 

@@ -26,7 +26,7 @@ from lora_zoo.errors import BuildError
 from .config import HPARAM_KEYS, Config
 from .data import aggregate_attributes, build_index, read_attribute_table
 from .eval import ClipScorer, generate_grouped
-from .pipeline import load_pipeline, make_sampler, training_scheduler
+from .pipeline import TinyPipeline, load_pipeline, make_sampler, training_scheduler
 from .train import LatentCache, LoraStream, StepPlan, autocast_ctx, train_batched
 
 log = logging.getLogger(__name__)
@@ -58,15 +58,24 @@ class TextToImageBuilder:
         self._attrs: dict[str, dict[str, float]] | None = None
         self._mm = None
         self._clip: ClipScorer | None = None
+        # facts about a base trained further (pretrain.py), in every LoRA's metadata; empty for
+        # a base used as built, so those zoos' rows are what they always were
+        self.base_info: dict[str, Any] = {}
         self.latents = LatentCache(self.config.builder_args.latent_cache_size)
 
     # ---- resident state (loaded once per worker) ---------------------------------------------
     @property
     def pipe(self):
         if self._pipe is None:
-            self._pipe = load_pipeline(
-                self.config.base_model, device=self.device, cache_dir=self.cache_dir
-            )
+            bm = self.config.base_model
+            pipe = load_pipeline(bm, device=self.device, cache_dir=self.cache_dir)
+            if isinstance(bm, TinyPipeline) and bm.pretrain_steps > 0:
+                from .pretrain import pretrain_base
+
+                self.base_info = pretrain_base(
+                    pipe, bm, self.index, self.config.data, cache_dir=self.cache_dir
+                )
+            self._pipe = pipe
         return self._pipe
 
     @property
@@ -187,7 +196,9 @@ class TextToImageBuilder:
         mm.eval()
         t_train = time.perf_counter() - t0
         scores, eval_cfg = self.evaluate(hps) if cfg.eval.enabled else ([{} for _ in jobs], None)
-        records = mm.extract([j.lora_id for j in jobs], base_model_name=_base_name(cfg))
+        records = mm.extract(
+            [j.lora_id for j in jobs], base_model_name=_base_name(cfg, self.base_info)
+        )
         out = []
         for k, (j, hp, items) in enumerate(zip(jobs, hps, selections)):
             out.append(self._result(k, j, hp, items, records[k], scores[k], trainer))
@@ -236,6 +247,7 @@ class TextToImageBuilder:
             "resolution": cfg.data.resolution,
             "num_images": len(items),
             "steps_done": int(trainer.steps_done[k]),
+            **self.base_info,
         }
         scores = dict(score)
         meta["final_train_loss"] = float(trainer.last_loss[k])  # NaN if it never stepped
@@ -325,8 +337,12 @@ def _encode(pipe, prompts: list[str]) -> torch.Tensor:
     return encode_prompts(pipe, prompts).detach().cpu().float()
 
 
-def _base_name(cfg: Config) -> str:
+def _base_name(cfg: Config, base_info: dict[str, Any] | None = None) -> str:
+    """The record's base name; a config base trained further is named by its hash too, so
+    LoRAs of a twin zoo never claim the untrained base's name."""
     b = cfg.base_model
+    if base_info and "base_model_hash" in base_info:
+        return f"tiny-sd-config:{base_info['base_model_hash']}"
     return (
         f"{b.id}@{b.revision}"
         if b.kind == "hub" and b.revision

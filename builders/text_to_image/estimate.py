@@ -115,6 +115,12 @@ def cost_model(cfg: Any, **_: Any) -> CostModel:
         else "eval disabled",
         "not counted: VAE encoding (cached per image), text encoder, CLIP scoring",
     )
+    if cfg.base_model.kind == "config" and cfg.base_model.pretrain_steps > 0:
+        b = cfg.base_model  # once per build (then cached), not per LoRA
+        notes += (
+            f"not counted: the base's {b.pretrain_steps} full-UNet pretraining steps x "
+            f"{b.pretrain_batch_size} images (once per build, cached)",
+        )
     return CostModel(
         architecture=f"{name} UNet ({n_params / 1e6:.0f}M params, {str(dtype)[6:]}), "
         f"LoRA r={cfg.lora.r} on {','.join(cfg.lora.targets)}",

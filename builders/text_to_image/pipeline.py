@@ -83,6 +83,15 @@ class TinyPipeline(BaseModel):
     # the latents to about unit scale: a tiny zoo whose LoRAs carry their data (t2i-quickstart).
     vae_posterior_std: float | None = Field(None, ge=0)  # None: the random VAE's own
     vae_scaling_factor: float = Field(0.18215, gt=0)
+    # Train the seeded UNet further before any LoRA (as SD-1.5 is SD-1.4 trained further):
+    # full-UNet denoising steps on the builder's own images, every class, captioned by
+    # ``pretrain_prompt`` ({group} = the image's class); cached under $LORA_ZOO_CACHE by a hash
+    # of everything that determines it (pretrain.py). 0: the seeded weights as they are.
+    pretrain_steps: int = Field(0, ge=0)
+    pretrain_lr: float = Field(1e-4, gt=0)
+    pretrain_batch_size: int = Field(8, ge=1)
+    pretrain_seed: int | None = None  # None: sub_seed(seed, "pretrain")
+    pretrain_prompt: str = "a photo of {group}"
 
 
 BaseModelSpec = Annotated[HubPipeline | TinyPipeline, Field(discriminator="kind")]

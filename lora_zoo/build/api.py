@@ -7,6 +7,10 @@ keeps builders testable in isolation and lets ``rebuild`` re-run a single job fr
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
@@ -16,6 +20,8 @@ from pydantic import BaseModel
 from lora_zoo._io import cache_root, stable_permutation
 from lora_zoo.errors import BuildError
 from lora_zoo.record import LoraRecord
+
+logger = logging.getLogger(__name__)
 
 # Sections of a recipe that are handed to the builder's Config (validated there, extra=forbid).
 BUILDER_SECTIONS = ("base_model", "lora", "data", "train", "eval", "builder_args", "poison")
@@ -136,7 +142,10 @@ __all__ = [
     "CostModel",
     "JobSpec",
     "TrainedLora",
+    "base_key_digest",
     "cache_root",
+    "cached_trained_base",
+    "pretrain_lr_lambda",
     "stable_permutation",
 ]
 
@@ -172,3 +181,60 @@ def resolve_hparams(
             )
         hp[key] = int(value)
     return hp
+
+
+def base_key_digest(key_doc: Mapping[str, Any]) -> str:
+    """The 16-hex-digit name of a from-config base: a hash of everything that determines its
+    weights (config, seed, pretraining settings, data, torch version). Builders record it per
+    LoRA (``base_model_hash``) so two zoos on the same base can be told apart from ones that
+    only share a recipe name."""
+    return hashlib.sha256(json.dumps(key_doc, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cached_trained_base(
+    module: Any,
+    key_doc: Mapping[str, Any],
+    *,
+    name: str,
+    cache_dir: str | None,
+    train: Callable[[], Mapping[str, Any]],
+) -> dict[str, Any]:
+    """Train ``module`` in place with ``train()`` once, or load the result from the cache.
+
+    Why shared: every builder whose base is built from a config and then trained further
+    (causal_lm's ``pretrain_steps``, text_to_image's) needs the same guarantees: each shard of a
+    build and every rebuild uses the identical base without retraining it; the file lands
+    atomically (concurrent shards never read half a base); and the stats ``train()`` returns
+    (losses, weight change) travel in the file's metadata, so a LoRA's metadata does not depend
+    on whether its worker found the cache. The file is
+    ``$LORA_ZOO_CACHE/base_models/{name}-{digest}.safetensors``. Returns the stats.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_model, save_model
+
+    key_text = json.dumps(key_doc, sort_keys=True)
+    path = cache_root(cache_dir) / "base_models" / f"{name}-{base_key_digest(key_doc)}.safetensors"
+    if path.exists():
+        load_model(module, str(path), strict=True)
+        logger.info("loaded trained base from cache %s", path)
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        return dict(json.loads(meta.get("lora_zoo.pretrain", "{}")))
+    stats = dict(train())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    save_model(
+        module,
+        str(tmp),
+        metadata={"lora_zoo.key": key_text, "lora_zoo.pretrain": json.dumps(stats)},
+    )
+    os.replace(tmp, path)
+    logger.info("trained base cached at %s", path)
+    return stats
+
+
+def pretrain_lr_lambda(steps: int) -> Callable[[int], float]:
+    """The base pretraining schedule of every builder: linear warmup over the first tenth of
+    the steps, then linear decay to zero (one definition, so the builders' bases are trained
+    alike). For ``torch.optim.lr_scheduler.LambdaLR``."""
+    return lambda s: min(1.0, (s + 1) / max(1, steps // 10)) * max(0.0, 1 - s / steps)
