@@ -31,6 +31,11 @@ from lora_zoo.zoo.schema import ROLE_LABEL, ROLE_METADATA, check_core_types
 log = logging.getLogger(__name__)
 
 
+def _ident(st: os.stat_result) -> tuple[int, ...]:
+    """What names one version of a file: device, inode, size, modification time."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 class ZooSplit:
     """One physical split: an ordered list of shards, addressed by global row index or id."""
 
@@ -44,6 +49,7 @@ class ZooSplit:
             self._starts.append(self._starts[-1] + int(sh["num_rows"]))
         self._files: dict[int, pq.ParquetFile] = {}
         self._rg_starts: dict[int, list[int]] = {}
+        self._idents: dict[int, tuple[int, ...]] = {}  # local shards: the file the footer is from
         self._cache: OrderedDict[tuple[int, int, tuple[str, ...]], pa.Table] = OrderedDict()
         self._cache_size = cache_row_groups
         self._ids: list[str] | None = None
@@ -83,6 +89,7 @@ class ZooSplit:
             with reading(path, "footer"):
                 if self.zoo.is_local:
                     pf = pq.ParquetFile(pa.py_buffer(map_regular(path, root=self.zoo.root)))
+                    self._idents[k] = _ident(os.stat(path, follow_symlinks=False))
                 else:
                     pf = pq.ParquetFile(self.zoo.fs.open(path, "rb"))
                 md = pf.metadata
@@ -154,8 +161,16 @@ class ZooSplit:
         a streaming pass over a 16 GB zoo would show 16 GB resident. The file is opened per row
         group (one ``open`` per ~64 MiB read) and closed at once: no shared file offset survives
         into forked DataLoader workers, no descriptor is held between reads."""
-        md = self._file(k).metadata
-        with open_regular(self._path(k), root=self.zoo.root) as f:
+        md, path = self._file(k).metadata, self._path(k)
+        with open_regular(path, root=self.zoo.root) as f:
+            if _ident(os.fstat(f.fileno())) != self._idents[k]:
+                # re-opened by name: a shard replaced since its footer was read would otherwise
+                # be decoded with the old footer's offsets
+                raise IntegrityError(
+                    "the shard was replaced or changed on disk while the zoo was open",
+                    file=path,
+                    key=f"row group {g}",
+                )
             return pq.ParquetFile(f, metadata=md).read_row_group(g, columns=cols)
 
     # ---- row-group access (the unit streaming readers shuffle and split) ---------------------

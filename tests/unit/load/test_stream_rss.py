@@ -10,6 +10,7 @@ process, unaffected by other work on the machine or by the allocator.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -25,7 +26,7 @@ pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="/proc/self/smaps is Linux-only"
 )
 
-N, RANK = 200, 64  # 200 LoRAs of 112 KiB of factors: a 22 MB shard, ~5,400 pages
+N, RANK = 200, 64  # 200 LoRAs of 112 KiB of factors: a 23 MB shard, ~5,600 pages
 
 
 def shard_rss(root: Path) -> int:
@@ -85,3 +86,21 @@ def test_streaming_pass_leaves_shards_unmapped(tmp_path):
     table = mapped.table(columns=["lora_id", "weights"])
     assert table.num_rows == N
     assert shard_rss(root) - before - streamed >= 0.9 * weights
+
+
+def test_a_shard_replaced_after_its_footer_was_read_is_refused(tmp_path):
+    """Streaming re-opens a shard by name for each row group (the map pinned the file its
+    footer came from): a different file under that name must not be decoded with the old
+    footer's offsets."""
+    from lora_zoo.errors import IntegrityError
+
+    root = make_zoo(tmp_path / "zoo", n=12, shard_max_rows=12)
+    other = make_zoo(tmp_path / "other", n=12, shard_max_rows=12, seed=1)
+    split = load_zoo(root)["train"]
+    first = next(iter(LoraIterableDataset(split, "factors", batch_size=4)))
+    assert len(first["lora_id"]) == 4
+    (shard,) = root.rglob("*.parquet")
+    (twin,) = other.rglob("*.parquet")
+    os.replace(twin, shard)
+    with pytest.raises(IntegrityError, match="replaced or changed"):
+        next(iter(LoraIterableDataset(split, "factors", batch_size=4)))
