@@ -21,7 +21,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lora_zoo._io import local_fs, map_regular
+from lora_zoo._io import local_fs, map_regular, open_regular
 from lora_zoo.errors import IntegrityError, SelectionError, reading
 from lora_zoo.record import LoraRecord
 from lora_zoo.zoo.manifest import join, read_manifest
@@ -29,6 +29,11 @@ from lora_zoo.zoo.manifest import verify as verify_zoo
 from lora_zoo.zoo.schema import ROLE_LABEL, ROLE_METADATA, check_core_types
 
 log = logging.getLogger(__name__)
+
+
+def _ident(st: os.stat_result) -> tuple[int, ...]:
+    """What names one version of a file: device, inode, size, modification time."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 class ZooSplit:
@@ -44,6 +49,7 @@ class ZooSplit:
             self._starts.append(self._starts[-1] + int(sh["num_rows"]))
         self._files: dict[int, pq.ParquetFile] = {}
         self._rg_starts: dict[int, list[int]] = {}
+        self._idents: dict[int, tuple[int, ...]] = {}  # local shards: the file the footer is from
         self._cache: OrderedDict[tuple[int, int, tuple[str, ...]], pa.Table] = OrderedDict()
         self._cache_size = cache_row_groups
         self._ids: list[str] | None = None
@@ -83,6 +89,7 @@ class ZooSplit:
             with reading(path, "footer"):
                 if self.zoo.is_local:
                     pf = pq.ParquetFile(pa.py_buffer(map_regular(path, root=self.zoo.root)))
+                    self._idents[k] = _ident(os.stat(path, follow_symlinks=False))
                 else:
                     pf = pq.ParquetFile(self.zoo.fs.open(path, "rb"))
                 md = pf.metadata
@@ -112,15 +119,22 @@ class ZooSplit:
         g = bisect.bisect_right(starts, local) - 1
         return k, g, local - starts[g]
 
-    def _read_group(self, k: int, g: int, columns: Sequence[str]) -> pa.Table:
+    def _read_group(
+        self, k: int, g: int, columns: Sequence[str], *, mapped: bool = True
+    ) -> pa.Table:
         """Row group ``g`` of shard ``k`` with ``lora_id`` first, checked for row identity: as
         many rows as the footer promised, and the ids the footer's positions point at. A footer
         that lies about per-row-group counts would otherwise serve one LoRA under another's id.
+        ``mapped=False`` reads it through a plain file instead of the shard's memory map
+        (``_read_unmapped``).
         """
         cols = list(dict.fromkeys(("lora_id", *columns)))
         path = self._path(k)
         with reading(path, f"row group {g}"):
-            t = self._file(k).read_row_group(g, columns=cols)
+            if mapped or not self.zoo.is_local:
+                t = self._file(k).read_row_group(g, columns=cols)
+            else:
+                t = self._read_unmapped(k, g, cols)
             got = t.column(0).to_pylist()
         rg = self._rg_starts[k]
         if len(got) != rg[g + 1] - rg[g]:
@@ -139,6 +153,26 @@ class ZooSplit:
             )
         return t
 
+    def _read_unmapped(self, k: int, g: int, cols: list[str]) -> pa.Table:
+        """Row group ``g`` of local shard ``k`` read with plain reads (``open_regular``, the
+        footer already parsed and checked by ``_file``), into Arrow buffers that are freed with
+        the table. Why not the memory map: every page of a map that a read touches stays in this
+        process's RSS (file-backed, reclaimable, but counted) for as long as the map lives, so
+        a streaming pass over a 16 GB zoo would show 16 GB resident. The file is opened per row
+        group (one ``open`` per ~64 MiB read) and closed at once: no shared file offset survives
+        into forked DataLoader workers, no descriptor is held between reads."""
+        md, path = self._file(k).metadata, self._path(k)
+        with open_regular(path, root=self.zoo.root) as f:
+            if _ident(os.fstat(f.fileno())) != self._idents[k]:
+                # re-opened by name: a shard replaced since its footer was read would otherwise
+                # be decoded with the old footer's offsets
+                raise IntegrityError(
+                    "the shard was replaced or changed on disk while the zoo was open",
+                    file=path,
+                    key=f"row group {g}",
+                )
+            return pq.ParquetFile(f, metadata=md).read_row_group(g, columns=cols)
+
     # ---- row-group access (the unit streaming readers shuffle and split) ---------------------
     def row_group_ranges(self) -> list[tuple[int, int]]:
         """Global (start, stop) of every non-empty row group, in order. Reads each shard's
@@ -154,7 +188,9 @@ class ZooSplit:
 
     def read_rows(self, start: int, stop: int, columns: Sequence[str] | None = None) -> pa.Table:
         """Rows [start, stop) read row group by row group (uncached: a streaming read touches
-        each row group once), as one table whose columns may be chunked across row groups."""
+        each row group once), as one table whose columns may be chunked across row groups.
+        Read without the memory map (``_read_unmapped``), so a streaming pass does not leave
+        the zoo resident: RSS stays flat in the number of rows read."""
         if not 0 <= start <= stop <= len(self):
             raise IndexError(f"rows [{start}, {stop}) out of range for split {self.name!r}")
         cols = self._check_columns(columns) or self.columns
@@ -164,7 +200,7 @@ class ZooSplit:
             k, g, off = self._locate(i)
             rg = self._rg_starts[k]
             take = min(stop - i, rg[g + 1] - rg[g] - off)
-            parts.append(self._read_group(k, g, cols).select(cols).slice(off, take))
+            parts.append(self._read_group(k, g, cols, mapped=False).select(cols).slice(off, take))
             i += take
         if not parts:
             sch = self.zoo.schema
