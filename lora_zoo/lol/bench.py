@@ -983,10 +983,11 @@ def format_table(res: dict[str, Any]) -> str:
         cells = "".join(
             f"{r['summary'][m]['mean']:>11.3f} ±{r['summary'][m]['std']:>5.3f}" for m in metrics
         )
-        d = r["summary"][prim]["mean"] - b
+        # without a baseline run (``--models mlp``) there is nothing to subtract: "-", not nan
+        d = f"{r['summary'][prim]['mean'] - b:>+14.3f}" if base else f"{'-':>14}"
         lines.append(
             f"{run_label(r):<32}{r['view']:<22}{r['invariance']:<10}{cells}"
-            f"{ci_text(r['summary'], prim):>20}{d:>+14.3f}"
+            f"{ci_text(r['summary'], prim):>20}{d}"
         )
     lines += _curve_lines(res)
     return "\n".join(lines)

@@ -106,3 +106,33 @@ def test_match_modules_by_metadata_and_refusals():
     extra = _batch([*train["modules"], "model.layers.2.q_proj"])
     with pytest.raises(SelectionError, match="never does"):
         match_modules(train, extra, "other")
+
+
+def _res(models: list[str]) -> dict:
+    s = {"accuracy": {"mean": 0.75, "std": 0.0}, "auroc": {"mean": 0.8, "std": 0.01}}
+    runs = [{"model": m, "view": "svals", "invariance": "GL(r)", "summary": s} for m in models]
+    if "baseline" in models:
+        runs[models.index("baseline")]["summary"] = {
+            "accuracy": {"mean": 0.5, "std": 0.0},
+            "auroc": {"mean": 0.5, "std": 0.0},
+        }
+    return {
+        "task": "binary",
+        "primary_metric": "auroc",
+        "runs": runs,
+        "target": "poisoned",
+        "columns": ["poisoned"],
+        "n": {"fit": 10, "valid": 2, "test": 4},
+        "repeats": 1,
+        "validation": {"kind": "random"},
+    }
+
+
+def test_results_table_says_dash_not_nan_without_a_baseline_run():
+    from lora_zoo.lol.bench import format_table
+
+    with_base = format_table(_res(["baseline", "mlp"])).splitlines()
+    assert with_base[-1].rstrip().endswith("+0.300")  # 0.8 - 0.5, the primary metric (AUROC)
+    alone = format_table(_res(["mlp"]))
+    assert "nan" not in alone
+    assert alone.splitlines()[-1].rstrip().endswith("-")
