@@ -55,16 +55,25 @@ def atomic_write_bytes(
     (``check_write_target``), and the temp file is created with O_EXCL | O_NOFOLLOW."""
     path = check_write_target(path, root=root)
     tmp = tmp_path_for(path)
+    _write_durable(tmp, data)
     try:
-        with create_exclusive(tmp) as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def _write_durable(tmp: Path, data: bytes) -> None:
+    """``data`` into a fresh file at ``tmp`` (O_EXCL | O_NOFOLLOW), fsynced; removed on failure."""
+    try:
+        with create_exclusive(tmp) as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def staged_path_for(path: Path) -> Path:
@@ -85,14 +94,7 @@ def stage_bytes(
     and only a rename after it (``commit_staged``)."""
     path = check_write_target(path, root=root)
     staged = staged_path_for(path)
-    try:
-        with create_exclusive(staged) as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        staged.unlink(missing_ok=True)
-        raise
+    _write_durable(staged, data)
     return staged
 
 
