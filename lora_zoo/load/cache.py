@@ -48,6 +48,7 @@ import torch
 
 from lora_zoo._io import atomic_write_bytes, map_regular, read_regular
 from lora_zoo.errors import CorruptFileError, IntegrityError, SelectionError, reading
+from lora_zoo.load.collate import rebatch_tables
 from lora_zoo.load.decode import _ST_DTYPES, _arrow_rows, _as_torch
 from lora_zoo.progress import track
 from lora_zoo.weights import header_length, parse_header
@@ -440,8 +441,11 @@ class ViewCache:
             for a in range(0, t.num_rows, size):
                 yield t.slice(a, size)
             return
-        pending: list[Any] = []
-        have = 0
+        yield from rebatch_tables(self._checked_batches(split, size), size)
+
+    def _checked_batches(self, split: str, size: int) -> Iterator[Any]:
+        """Each part's record batches as tables, part by part, each checked against the zoo's
+        ids, and each part's row count against its shard's."""
         for k, (a, b, sh) in enumerate(_shard_ranges(self.zoo, split)):
             path, mm = self._mapped(split, k, a, b, sh)
             ids, pos = self.zoo[split].ids[a:b], 0
@@ -451,17 +455,9 @@ class ViewCache:
                 ):
                     self._check(rb, ids[pos : pos + rb.num_rows], path)
                     pos += rb.num_rows
-                    pending.append(pa.Table.from_batches([rb]))
-                    have += rb.num_rows
-                    while have >= size:
-                        cat = pa.concat_tables(pending)
-                        yield cat.slice(0, size)
-                        rest = cat.slice(size)
-                        pending, have = ([rest] if rest.num_rows else []), rest.num_rows
+                    yield pa.Table.from_batches([rb])
             if pos != b - a:
                 raise IntegrityError(f"{pos} rows, not {b - a}", file=path, key="num_rows")
-        if have:
-            yield pa.concat_tables(pending)
 
 
 def iter_cached_batches(

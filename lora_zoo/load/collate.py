@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -276,4 +276,24 @@ def collate_loras(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-__all__ = ["collate_loras", "labels_to_batch", "label_masks", "module_info"]
+def rebatch_tables(tables: Iterable[Any], size: int) -> Iterator[Any]:
+    """Arrow tables regrouped into tables of exactly ``size`` rows (the last may be shorter), in
+    order, by zero-copy slices: row groups and record batches come in whatever sizes the files
+    hold, while a loader's batch size is the caller's."""
+    import pyarrow as pa
+
+    pending: list[Any] = []
+    have = 0
+    for t in tables:
+        pending.append(t)
+        have += t.num_rows
+        while have >= size:
+            cat = pa.concat_tables(pending)
+            yield cat.slice(0, size)
+            rest = cat.slice(size)
+            pending, have = ([rest] if rest.num_rows else []), rest.num_rows
+    if have:
+        yield pa.concat_tables(pending)
+
+
+__all__ = ["collate_loras", "labels_to_batch", "label_masks", "module_info", "rebatch_tables"]

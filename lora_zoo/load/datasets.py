@@ -50,7 +50,13 @@ from lora_zoo._io import stable_permutation
 from lora_zoo.errors import (
     SelectionError,
 )
-from lora_zoo.load.collate import _arrow_labels, _merge, label_masks, labels_to_batch
+from lora_zoo.load.collate import (
+    _arrow_labels,
+    _merge,
+    label_masks,
+    labels_to_batch,
+    rebatch_tables,
+)
 from lora_zoo.load.decode import Factors, decode_weight_batch
 from lora_zoo.load.views import RANK_KEYS, ViewContext, apply_view_many, get_view
 from lora_zoo.record import LoraRecord
@@ -472,18 +478,7 @@ class LoraIterableDataset(_ZooViews, IterableDataset):
 
         size = self.read_batch_size
         if self.shuffle_buffer <= 0:
-            pending: list[Any] = []
-            have = 0
-            for t in tables:
-                pending.append(t)
-                have += t.num_rows
-                while have >= size:
-                    cat = pa.concat_tables(pending)
-                    yield cat.slice(0, size)
-                    rest = cat.slice(size)
-                    pending, have = ([rest] if rest.num_rows else []), rest.num_rows
-            if have:
-                yield pa.concat_tables(pending)
+            yield from rebatch_tables(tables, size)
             return
         rng = shuffle_rng(self.seed, self.epoch, me)
         buf: list[Any] = []  # one-row slices (zero-copy references into the read tables)
