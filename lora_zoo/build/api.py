@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel
 
-from lora_zoo._io import cache_root, stable_permutation
+from lora_zoo._io import cache_root, stable_permutation, tmp_path_for
 from lora_zoo.errors import BuildError
 from lora_zoo.record import LoraRecord
 
@@ -222,13 +222,17 @@ def cached_trained_base(
         return dict(json.loads(meta.get("lora_zoo.pretrain", "{}")))
     stats = dict(train())
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_model(
-        module,
-        str(tmp),
-        metadata={"lora_zoo.key": key_text, "lora_zoo.pretrain": json.dumps(stats)},
-    )
-    os.replace(tmp, path)
+    tmp = tmp_path_for(path)  # the project's temp naming: hidden, pid-tagged, never *.safetensors
+    try:
+        save_model(
+            module,
+            str(tmp),
+            metadata={"lora_zoo.key": key_text, "lora_zoo.pretrain": json.dumps(stats)},
+        )
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     logger.info("trained base cached at %s", path)
     return stats
 
